@@ -1,0 +1,259 @@
+"""LLMEngine: requests in, token deltas out; `step()` = schedule -> run the model -> sample -> postprocess.
+
+Roles and handoff: a PREFILL request is held (blocks kept) after its first token; `export_request` turns
+any live request into an `ExportedRequest` plus block ids, `release` frees them once a peer has copied
+them. On the receiving side `import_request` reserves blocks, the caller fills them, `finish_import`
+resumes decoding. P/D handoff and live migration are both this one mechanism.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine import loader
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.model_runner import ModelRunner, num_kv_blocks
+from pdserve.engine.sampler import compute_logprobs, sample
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Request, Role, Status
+from pdserve.hashing import root_hash
+from pdserve.protocol import ExportedRequest, KVEvent, KVReservation, SamplingParams, TokenDelta
+
+
+class OutOfKVBlocks(RuntimeError):
+    """Not enough free KV blocks to reserve for an import right now (retry later or pick another engine)."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = torch.device(config.device)
+        loaded = loader.load(config.model, config.torch_dtype, self.device, config.max_model_len)
+        self.model_id = loaded.model_id
+        self.is_demo = loaded.is_demo
+        self.tokenizer = loaded.tokenizer
+        self.hf_config = loaded.config
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.model.spec.vocab_size
+        blocks = num_kv_blocks(config, loaded.model, self.max_model_len, self.device)
+        self.runner = ModelRunner(loaded.model, config, blocks, self.device)
+        self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
+        self.root = root_hash(self.model_id)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.root)
+        self.requests: dict[str, Request] = {}
+        self._seeds = torch.Generator().manual_seed(config.seed)
+        self.eos_token_ids = _eos_ids(loaded.config, loaded.tokenizer)
+        self.num_computed_tokens_total = 0
+        self.num_preemptions_total = 0
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.runner.kv_cache
+
+    # ---- admission -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem; the engine is unchanged."""
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size][:5]
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, which leaves no room to generate within the "
+                f"context length (max_model_len={self.max_model_len})"
+            )
+        if -(-len(prompt_token_ids) // self.blocks.block_size) >= self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, more than the KV cache holds "
+                f"(num_kv_blocks={self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
+            )
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+        )
+        return Request(request_id, prompt_token_ids, params, role, detok, torch.Generator().manual_seed(seed))
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    role: Role | str = Role.BOTH) -> None:
+        role = _role(role)
+        if role is Role.DECODE:
+            raise ValueError("a decode-role request enters by import_request, not add_request")
+        self.validate(prompt_token_ids, params)
+        req = self._new_request(request_id, prompt_token_ids, params, role)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        batch = self.scheduler.schedule()
+        self.num_preemptions_total += len(batch.preempted)
+        deltas = [self._finish(req, "length") for req in batch.out_of_blocks]
+        if batch.empty:
+            return deltas
+        logits, sampled = self.runner.execute(batch.requests, batch.num_new_tokens)
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            req.num_computed_tokens += n
+            self.num_computed_tokens_total += n
+            self._cache_full_blocks(req)
+        reqs = [batch.requests[i] for i in sampled]
+        token_ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        logprobs = self._logprobs(logits, reqs, token_ids)
+        for j, (req, token) in enumerate(zip(reqs, token_ids)):
+            deltas.append(self._postprocess(req, token, logprobs[j] if logprobs else None))
+        return deltas
+
+    def _logprobs(self, logits, reqs, token_ids):
+        if all(r.params.logprobs is None for r in reqs):
+            return None
+        return compute_logprobs(logits, token_ids, [r.params.logprobs or 0 for r in reqs])
+
+    def _postprocess(self, req: Request, token: int, logprob) -> TokenDelta:
+        req.append_token(token)
+        req.detokenizer.add(token)
+        p = req.params
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids) or req.detokenizer.stopped:
+            reason = "stop"
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        delta = TokenDelta(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            text=req.detokenizer.take(reason is not None),
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            logprobs=[logprob] if logprob is not None else None,
+        )
+        if reason is not None:
+            self.scheduler.remove(req)
+            self._finish(req, reason)
+            delta.finished, delta.finish_reason = True, reason
+        elif req.role is Role.PREFILL and len(req.output_token_ids) == 1:
+            self.scheduler.remove(req)
+            req.status = Status.HELD
+            delta.kv_held = True
+        return delta
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        full = req.num_computed_tokens // self.blocks.block_size
+        if full > req.num_cached_blocks:
+            hashes = req.update_hashes(self.blocks.block_size, self.root)
+            self.blocks.cache_blocks(req.block_ids, hashes, req.num_cached_blocks, full, self.root)
+            req.num_cached_blocks = full
+
+    def _finish(self, req: Request, reason: str) -> TokenDelta:
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+        return TokenDelta(request_id=req.request_id, new_token_ids=[], text=req.detokenizer.take(True), finished=True,
+                          finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
+                          num_cached_tokens=req.num_cached_tokens)
+
+    # ---- handoff ---------------------------------------------------------------------------------
+    def export_request(self, request_id: str) -> tuple[ExportedRequest, list[int]]:
+        """Stop scheduling a live request and describe it; its blocks stay held until `release`."""
+        req = self._get(request_id, (Status.WAITING, Status.RUNNING, Status.HELD))
+        if req.status is not Status.HELD:
+            self.scheduler.remove(req)
+            req.status = Status.HELD
+        n = -(-req.num_computed_tokens // self.blocks.block_size)
+        record = ExportedRequest(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            num_computed_tokens=req.num_computed_tokens,
+            params=req.params,
+            rng_state=bytes(req.generator.get_state().numpy()),
+            num_cached_tokens=req.num_cached_tokens,
+            block_size=self.blocks.block_size,
+            model_id=self.model_id,
+        )
+        return record, req.block_ids[:n]
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (its peer has its KV, or the handoff was abandoned)."""
+        self._finish(self._get(request_id, (Status.HELD,)), "abort")
+
+    def import_request(self, record: ExportedRequest) -> KVReservation:
+        """Reserve blocks for an exported request's KV; reuses this engine's own cached prefix blocks."""
+        if record.model_id != self.model_id or record.block_size != self.blocks.block_size:
+            raise ValueError(
+                f"cannot import {record.request_id!r}: it comes from model {record.model_id!r} with block_size "
+                f"{record.block_size}, this engine serves {self.model_id!r} with block_size {self.blocks.block_size}"
+            )
+        self.validate(record.prompt_token_ids, record.params)
+        req = self._new_request(record.request_id, record.prompt_token_ids, record.params, Role.DECODE)
+        for token in record.output_token_ids:
+            req.append_token(token)
+            req.detokenizer.add(token)
+        req.detokenizer.take(False)  # the sender already released this text
+        req.generator.set_state(torch.frombuffer(bytearray(record.rng_state), dtype=torch.uint8))
+        req.num_computed_tokens = record.num_computed_tokens
+        req.num_cached_tokens = record.num_cached_tokens
+        req.admitted = True
+        bs = self.blocks.block_size
+        hashes = req.update_hashes(bs, self.root)
+        cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs])
+        need = -(-record.num_computed_tokens // bs) - len(cached)
+        if not self.blocks.can_allocate(need):
+            raise OutOfKVBlocks(f"import of {record.request_id!r} needs {need} KV blocks, {self.blocks.num_free_blocks} free")
+        self.blocks.touch(cached)
+        req.block_ids = cached + self.blocks.allocate(need)
+        req.num_cached_blocks = len(cached)
+        req.status = Status.WAITING_FOR_REMOTE_KVS
+        self.requests[req.request_id] = req
+        return KVReservation(request_id=req.request_id, block_ids=list(req.block_ids), num_cached_blocks=len(cached))
+
+    def finish_import(self, request_id: str) -> None:
+        """The reserved blocks now hold the KV: register them in the prefix cache and resume decoding."""
+        req = self._get(request_id, (Status.WAITING_FOR_REMOTE_KVS,))
+        self._cache_full_blocks(req)
+        req.status = Status.RUNNING
+        self.scheduler.running.append(req)
+
+    def _get(self, request_id: str, states: tuple[Status, ...]) -> Request:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"no live request {request_id!r}")
+        if req.status not in states:
+            raise ValueError(f"request {request_id!r} is {req.status.value}, expected {[s.value for s in states]}")
+        return req
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.blocks.take_events()
+
+
+def _role(role: Role | str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise ValueError(f"role must be one of {[r.value for r in Role]}, got {role!r}") from None
+
+
+def _eos_ids(config, tokenizer) -> set[int]:
+    ids = getattr(config, "eos_token_id", None)
+    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        out.add(tokenizer.eos_token_id)
+    return out

@@ -1,0 +1,72 @@
+"""One request's state inside an engine: tokens, progress, blocks, sampling RNG and detokenizer."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.hashing import block_hashes
+from pdserve.protocol import SamplingParams
+
+
+class Role(str, enum.Enum):
+    BOTH = "both"  # prefill and decode here
+    PREFILL = "prefill"  # compute the prompt, sample the first token, hold the blocks for export
+    DECODE = "decode"  # admitted by import: KV arrives from a peer into reserved blocks
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # imported; blocks reserved, KV not yet copied in
+    HELD = "held"  # not scheduled; blocks kept for a peer to pull (prefill done, or exported)
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        role: Role,
+        detokenizer: IncrementalDetokenizer,
+        generator: torch.Generator,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.role = role
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from a prefix cache (first admission only)
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_cached_blocks = 0  # leading blocks registered in the prefix cache
+        self.detokenizer = detokenizer
+        self.generator = generator
+        self.arrival_time = time.monotonic()
+        self.num_preemptions = 0
+        self.admitted = False
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def update_hashes(self, block_size: int, root: int) -> list[int]:
+        self.block_hashes = block_hashes(self.all_token_ids, block_size, root, self.block_hashes)
+        return self.block_hashes

@@ -1,0 +1,120 @@
+"""Typed records that cross engine, actor and process boundaries (msgspec).
+
+Everything a worker sends or receives is one of these structs; no free-form dicts on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """How to sample one request. vLLM's names and defaults; `validate()` raises ValueError naming the field."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return with each sampled token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> SamplingParams:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob) of the most likely alternatives, best first
+
+
+class TokenDelta(msgspec.Struct, kw_only=True):
+    """What one engine step produced for one request: new tokens and the text they complete."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # newly completed text; never ends inside a UTF-8 character
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    kv_held: bool = False  # prefill role: the blocks stay held for export until released
+
+
+class ExportedRequest(msgspec.Struct, kw_only=True):
+    """A running request's state, enough for another engine to continue it token-for-token.
+
+    The KV for the first `num_computed_tokens` tokens lives in the sender's blocks (listed beside this
+    record), which the sender holds until the receiver has copied them.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+    rng_state: bytes
+    num_cached_tokens: int = 0
+    block_size: int = 16
+    model_id: str = ""
+
+
+class KVEvent(msgspec.Struct, kw_only=True, tag=True):
+    """Base of the prefix-cache events an engine reports for the global index."""
+
+
+class BlockStored(KVEvent, kw_only=True):
+    block_hashes: list[int]
+    parent_hash: int | None
+
+
+class BlockRemoved(KVEvent, kw_only=True):
+    block_hashes: list[int]
+
+
+class AllBlocksCleared(KVEvent, kw_only=True):
+    pass
+
+
+class KVReservation(msgspec.Struct, kw_only=True):
+    """Blocks a receiving engine reserved for an imported request's KV.
+
+    The first `num_cached_blocks` already hold the right KV (the receiver's own prefix cache); the sender's
+    blocks at positions [num_cached_blocks, len(block_ids)) must be copied into the rest.
+    """
+
+    request_id: str
+    block_ids: list[int]
+    num_cached_blocks: int = 0

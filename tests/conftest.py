@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random-weight HF model directories built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # so `from tests.models import ...` works however pytest is invoked
+    sys.path.insert(0, str(_ROOT))
+
+from tests.models import LLAMA3_ROPE_SCALING, build_hf_model  # noqa: E402
+
+_MARKERS = {
+    "gpu": "needs a CUDA device",
+    "slow": "slow test",
+    "ray": "needs Ray",
+    "e2e": "end-to-end test (HTTP server, processes)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    declared = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    for name, help_text in _MARKERS.items():
+        if name not in declared:
+            config.addinivalue_line("markers", f"{name}: {help_text}")
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, arch: str, **kwargs) -> Path:
+    return build_hf_model(tmp_path_factory.mktemp(name), arch, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """LlamaForCausalLM: GQA (4 heads, 2 KV heads), untied embeddings."""
+    return _build(tmp_path_factory, "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """Qwen2ForCausalLM: tied embeddings, q/k/v biases."""
+    return _build(tmp_path_factory, "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """Qwen3ForCausalLM: q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads, tied embeddings."""
+    return _build(tmp_path_factory, "qwen3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory) -> Path:
+    """MistralForCausalLM: one KV head, sliding_window=None, untied embeddings."""
+    return _build(tmp_path_factory, "mistral", "mistral")
+
+
+@pytest.fixture(scope="session")
+def llama3_rope_dir(tmp_path_factory) -> Path:
+    """Llama with Llama-3 rope scaling (factor 8, original context 128) in config.rope_parameters."""
+    return _build(tmp_path_factory, "llama3_rope", "llama", rope_scaling=dict(LLAMA3_ROPE_SCALING))
+
+
+@pytest.fixture(scope="session")
+def sharded_dir(tmp_path_factory) -> Path:
+    """The llama model (same weights as llama_dir) split into 3 safetensors shards with an index."""
+    return _build(tmp_path_factory, "sharded", "llama", num_shards=3)

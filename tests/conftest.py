@@ -40,8 +40,11 @@ def llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
-    """Qwen2ForCausalLM: tied embeddings, q/k/v biases."""
-    return _build(tmp_path_factory, "qwen2", "qwen2")
+    """Qwen2ForCausalLM: tied embeddings, q/k/v biases.
+
+    seed=1: with seed 0 one reference step of the parity prompts has a top-1 logit gap of only 2e-4;
+    seed 1's smallest is 2.6e-3 (see test_reference_has_clear_top1_margins)."""
+    return _build(tmp_path_factory, "qwen2", "qwen2", seed=1)
 
 
 @pytest.fixture(scope="session")

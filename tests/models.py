@@ -27,7 +27,16 @@ NORM_STD = 0.1
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+# <|endoftext|>: transformers 5 always loads a qwen2 directory with Qwen2Tokenizer, which adds this token
+# if the vocabulary lacks it (growing len(tokenizer) past the model's vocab_size).
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END, ENDOFTEXT]
+# Qwen2/Llama-3 style pre-tokenization. Qwen2Tokenizer rebuilds its pipeline with exactly this (plus NFC)
+# whatever tokenizer.json says, so using it here makes every AutoTokenizer load encode identically.
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 TOKENIZER_VOCAB_SIZE = 400
 
 CHAT_TEMPLATE = (
@@ -65,34 +74,66 @@ _ARCHS: dict[str, dict] = {
         cls="LlamaForCausalLM",
         config="LlamaConfig",
         tie=False,
-        kwargs=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0),
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
     ),
     "qwen2": dict(
         cls="Qwen2ForCausalLM",
         config="Qwen2Config",
         tie=True,
-        kwargs=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False,
-                    sliding_window=None),
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            use_sliding_window=False,
+            sliding_window=None,
+        ),
     ),
     "qwen3": dict(
         cls="Qwen3ForCausalLM",
         config="Qwen3Config",
         tie=True,
         # head_dim 32 != hidden/heads (16): q_proj is 64 -> 128, o_proj 128 -> 64.
-        kwargs=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                    use_sliding_window=False, sliding_window=None),
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            use_sliding_window=False,
+            sliding_window=None,
+        ),
     ),
     "mistral": dict(
         cls="MistralForCausalLM",
         config="MistralConfig",
         tie=False,
         # one KV head (MQA) for variety; no sliding window.
-        kwargs=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    sliding_window=None),
+        kwargs=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            sliding_window=None,
+        ),
     ),
 }
 
@@ -113,11 +154,17 @@ def get_tokenizer():
     """The test tokenizer (a transformers.PreTrainedTokenizerFast), trained once per process."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=TOKENIZER_VOCAB_SIZE,
@@ -127,8 +174,11 @@ def get_tokenizer():
         )
         tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-            additional_special_tokens=[IM_START, IM_END],
+            tokenizer_object=tok,
+            bos_token=BOS,
+            eos_token=EOS,
+            pad_token=PAD,
+            additional_special_tokens=[IM_START, IM_END, ENDOFTEXT],
         )
         fast.chat_template = CHAT_TEMPLATE
         _TOKENIZER = fast
@@ -250,6 +300,7 @@ def _reshard(path: Path, num_shards: int) -> None:
 # reference generation
 
 _HF_MODELS: dict[str, torch.nn.Module] = {}
+_HF_GREEDY: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
 
 
 def load_hf_model(model_dir) -> torch.nn.Module:
@@ -271,7 +322,11 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[int
     EOS handling: we pass eos_token_id=None so generation never stops early and EOS is an ordinary
     token that can be picked (this matches pdserve's `ignore_eos=True`; `min_new_tokens` would instead
     mask EOS and change the argmax). The result always has exactly `max_new_tokens` ids.
+    Results are cached per (directory, prompt, max_new_tokens).
     """
+    key = (os.path.realpath(model_dir), tuple(prompt_ids), max_new_tokens)
+    if key in _HF_GREEDY:
+        return list(_HF_GREEDY[key])
     model = load_hf_model(model_dir)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     # eos_token_id=None must be a generate() kwarg: a GenerationConfig object with eos None gets the
@@ -284,8 +339,9 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[int
         eos_token_id=None,
         pad_token_id=model.config.pad_token_id,
     )
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     assert len(new) == max_new_tokens, (len(new), max_new_tokens)
+    _HF_GREEDY[key] = list(new)
     return new
 
 
@@ -303,7 +359,7 @@ def text_prompt_ids(n: int, offset: int = 0) -> list[int]:
     tok = get_tokenizer()
     ids = tok.encode(CORPUS * (1 + math.ceil((n + offset) / 100)), add_special_tokens=False)
     assert len(ids) >= n + offset
-    return ids[offset:offset + n]
+    return ids[offset : offset + n]
 
 
 def copy_model_dir(src, dst) -> Path:

@@ -76,11 +76,10 @@ class TorchAttention:
             n, length = meta.decode_tables.shape[0], meta.decode_len
             keys = k_cache[meta.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2)
             values = v_cache[meta.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2)
-            queries = q[meta.decode_rows][:, :, None, :]
-            res = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-            )
-            out[meta.decode_rows] = res[:, :, 0, :].reshape(n, q.shape[1], q.shape[2])
+            # each KV head's group of query heads becomes the query-length axis: no K/V expansion for GQA
+            queries = q[meta.decode_rows].view(n, k.shape[1], q.shape[1] // k.shape[1], q.shape[2])
+            res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
+            out[meta.decode_rows] = res.reshape(n, q.shape[1], q.shape[2])
         for p in meta.prefills:
             rows = slice(p.start, p.start + p.query_len)
             queries = q[rows].transpose(0, 1)

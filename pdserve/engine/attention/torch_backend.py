@@ -1,7 +1,8 @@
 """Reference attention in plain torch (CPU and GPU): the CPU path and the oracle for fast backends.
 
-Single-token queries (decode) are batched into one padded SDPA call; multi-token queries (prefill
-chunks) run one SDPA call per sequence, straight from the new K/V when there is no cached context.
+Single-token queries (decode) are grouped by context length (padding within a group stays under
+`_PAD_RATIO`) and each group is one padded SDPA call; multi-token queries (prefill chunks) run one SDPA
+call per sequence, straight from the new K/V when there is no cached context.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionBatch
+
+_PAD_RATIO = 1.3
 
 
 @dataclass
@@ -24,13 +27,18 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    rows: torch.Tensor  # token rows of the group's single-token queries
+    tables: torch.Tensor  # [n, max_blocks] block ids, padded
+    mask: torch.Tensor  # [n, 1, 1, length] True where a key is inside the sequence
+    length: int
+
+
+@dataclass
 class TorchMeta:
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
-    decode_rows: torch.Tensor | None
-    decode_tables: torch.Tensor | None
-    decode_mask: torch.Tensor | None
-    decode_len: int
+    decodes: list[_DecodeGroup]
     prefills: list[_Prefill]
 
 
@@ -55,16 +63,26 @@ class TorchAttention:
                 nblocks = -(-clen // bs)
                 prefills.append(_Prefill(start, qlen, clen, torch.tensor(table[:nblocks], device=device), mask))
             start += qlen
-        meta = TorchMeta(batch.slot_blocks, batch.slot_offsets, None, None, None, 0, prefills)
-        if decode_rows:
-            max_blocks = max(-(-c // bs) for c in ctx)
-            padded = [t[: -(-c // bs)] + [0] * (max_blocks - -(-c // bs)) for t, c in zip(tables, ctx)]
-            meta.decode_rows = torch.tensor(decode_rows, device=device)
-            meta.decode_tables = torch.tensor(padded, device=device)
-            meta.decode_len = max(ctx)
-            lens = torch.tensor(ctx, device=device)
-            meta.decode_mask = (torch.arange(meta.decode_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        return meta
+        groups, group = [], []
+        for row, table, clen in sorted(zip(decode_rows, tables, ctx), key=lambda d: d[2]):
+            if group and clen > group[0][2] * _PAD_RATIO:
+                groups.append(group)
+                group = []
+            group.append((row, table, clen))
+        if group:
+            groups.append(group)
+        decodes = [self._decode_group(g, bs, device) for g in groups]
+        return TorchMeta(batch.slot_blocks, batch.slot_offsets, decodes, prefills)
+
+    @staticmethod
+    def _decode_group(group, bs: int, device) -> _DecodeGroup:
+        length = group[-1][2]
+        max_blocks = -(-length // bs)
+        tables = [t[: -(-c // bs)] + [0] * (max_blocks - -(-c // bs)) for _, t, c in group]
+        lens = torch.tensor([c for _, _, c in group], device=device)
+        mask = (torch.arange(length, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        rows = torch.tensor([r for r, _, _ in group], device=device)
+        return _DecodeGroup(rows, torch.tensor(tables, device=device), mask, length)
 
     def forward(self, q, k, v, kv_layer, meta: TorchMeta, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
@@ -72,23 +90,23 @@ class TorchAttention:
         v_cache[meta.slot_blocks, meta.slot_offsets] = v
         out = torch.empty_like(q)
         gqa = q.shape[1] != k.shape[1]
-        if meta.decode_rows is not None:
-            n, length = meta.decode_tables.shape[0], meta.decode_len
-            keys = k_cache[meta.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2)
-            values = v_cache[meta.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2)
+        for g in meta.decodes:
+            n, length = g.tables.shape[0], g.length
+            keys = k_cache[g.tables].flatten(1, 2)[:, :length].transpose(1, 2)
+            values = v_cache[g.tables].flatten(1, 2)[:, :length].transpose(1, 2)
             # each KV head's group of query heads becomes the query-length axis: no K/V expansion for GQA
-            queries = q[meta.decode_rows].view(n, k.shape[1], q.shape[1] // k.shape[1], q.shape[2])
-            res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
-            out[meta.decode_rows] = res.reshape(n, q.shape[1], q.shape[2])
-        for p in meta.prefills:
+            queries = q[g.rows].view(n, k.shape[1], q.shape[1] // k.shape[1], q.shape[2])
+            res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale)
+            out[g.rows] = res.reshape(n, q.shape[1], q.shape[2])
+        for p in meta.prefills:  # 4-D inputs: CPU SDPA takes its slow math path for 3-D ones
             rows = slice(p.start, p.start + p.query_len)
-            queries = q[rows].transpose(0, 1)
+            queries = q[rows].transpose(0, 1)[None]
             if p.block_table is None:
-                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
                 res = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                keys = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)
-                values = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)
+                keys = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
+                values = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
                 res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
-            out[rows] = res.transpose(0, 1)
+            out[rows] = res[0].transpose(0, 1)
         return out

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 
-def build_random_llama(path: Path, *, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768, vocab=32000,
-                       max_positions=4096, seed=0) -> Path:
+def build_random_llama(
+    path: Path, *, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768, vocab=32000, max_positions=4096, seed=0
+) -> Path:
     """A random-weight Llama checkpoint (safetensors); no tokenizer needed when prompts are token ids."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,10 +17,20 @@ def build_random_llama(path: Path, *, hidden=256, layers=4, heads=8, kv_heads=4,
     if (path / "config.json").exists():
         return path
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                         max_position_embeddings=max_positions, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -39,8 +50,9 @@ def _write_tokenizer(path: Path, vocab: int) -> None:
     words.update({f"w{i}": i for i in range(4, vocab)})
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)
 
 
 class Timer:

@@ -44,8 +44,15 @@ def run_transformers(model, prompts, outputs):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     with Timer() as t, torch.inference_mode():
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outputs), min_new_tokens=max(outputs),
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(outputs),
+            min_new_tokens=max(outputs),
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     new = gen[:, width:]
     return t.seconds, [new[i, : outputs[i]].tolist() for i in range(len(prompts))], new.numel()
 
@@ -80,18 +87,43 @@ def main() -> None:
         useful = sum(outputs)
         total = useful + sum(len(p) for p in prompts)
         same = sum(a == b for a, b in zip(pd_tokens, hf_tokens))
-        rows.append({
-            "workload": name, "requests": len(prompts), "prompt_tokens": total - useful, "output_tokens": useful,
-            "pdserve_s": pd_s, "transformers_s": hf_s,
-            "pdserve_out_tok_s": useful / pd_s, "transformers_out_tok_s": useful / hf_s,
-            "speedup": hf_s / pd_s, "transformers_generated_tokens": hf_generated,
-            "identical_outputs": f"{same}/{len(prompts)}",
-        })
-    columns = ["workload", "requests", "prompt_tokens", "output_tokens", "pdserve_s", "transformers_s",
-               "pdserve_out_tok_s", "transformers_out_tok_s", "speedup", "identical_outputs"]
+        rows.append(
+            {
+                "workload": name,
+                "requests": len(prompts),
+                "prompt_tokens": total - useful,
+                "output_tokens": useful,
+                "pdserve_s": pd_s,
+                "transformers_s": hf_s,
+                "pdserve_out_tok_s": useful / pd_s,
+                "transformers_out_tok_s": useful / hf_s,
+                "speedup": hf_s / pd_s,
+                "transformers_generated_tokens": hf_generated,
+                "identical_outputs": f"{same}/{len(prompts)}",
+            }
+        )
+    columns = [
+        "workload",
+        "requests",
+        "prompt_tokens",
+        "output_tokens",
+        "pdserve_s",
+        "transformers_s",
+        "pdserve_out_tok_s",
+        "transformers_out_tok_s",
+        "speedup",
+        "identical_outputs",
+    ]
     print_table(rows, columns)
-    path = write_json("engine", {"torch_threads": torch.get_num_threads(), "model": str(model_dir),
-                                 "config": hf.config.to_dict(), "results": rows})
+    path = write_json(
+        "engine",
+        {
+            "torch_threads": torch.get_num_threads(),
+            "model": str(model_dir),
+            "config": hf.config.to_dict(),
+            "results": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

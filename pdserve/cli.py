@@ -15,8 +15,9 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks, seed=args.seed)
     if llm.is_demo:
         print(DEMO_NOTE, file=sys.stderr)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
     start = time.perf_counter()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -24,8 +25,11 @@ def _generate(args: argparse.Namespace) -> int:
         out = llm.generate(args.prompt, params)[0]
     elapsed = time.perf_counter() - start
     print(out.text)
-    print(f"[{len(out.token_ids)} tokens in {elapsed:.2f}s, finish_reason={out.finish_reason}, "
-          f"prompt_tokens={out.num_prompt_tokens}, model={llm.engine.model_id}]", file=sys.stderr)
+    print(
+        f"[{len(out.token_ids)} tokens in {elapsed:.2f}s, finish_reason={out.finish_reason}, "
+        f"prompt_tokens={out.num_prompt_tokens}, model={llm.engine.model_id}]",
+        file=sys.stderr,
+    )
     return 0
 
 

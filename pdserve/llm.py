@@ -73,9 +73,17 @@ class LLM:
         for text, ids, p in zip(texts, token_lists, plist):
             rid = str(next(self._ids))
             order.append(rid)
-            outputs[rid] = RequestOutput(request_id=rid, prompt=text, prompt_token_ids=list(ids), token_ids=[], text="",
-                                         finish_reason=None, num_prompt_tokens=len(ids), num_cached_tokens=0,
-                                         logprobs=[] if p.logprobs is not None else None)
+            outputs[rid] = RequestOutput(
+                request_id=rid,
+                prompt=text,
+                prompt_token_ids=list(ids),
+                token_ids=[],
+                text="",
+                finish_reason=None,
+                num_prompt_tokens=len(ids),
+                num_cached_tokens=0,
+                logprobs=[] if p.logprobs is not None else None,
+            )
             self.engine.add_request(rid, ids, p)
         try:
             while self.engine.has_unfinished():

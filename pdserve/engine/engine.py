@@ -81,8 +81,9 @@ class LLMEngine:
         )
         return Request(request_id, prompt_token_ids, params, role, detok, torch.Generator().manual_seed(seed))
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    role: Role | str = Role.BOTH) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role | str = Role.BOTH
+    ) -> None:
         role = _role(role)
         if role is Role.DECODE:
             raise ValueError("a decode-role request enters by import_request, not add_request")
@@ -166,9 +167,15 @@ class LLMEngine:
         req.status = Status.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
-        return TokenDelta(request_id=req.request_id, new_token_ids=[], text=req.detokenizer.take(True), finished=True,
-                          finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
-                          num_cached_tokens=req.num_cached_tokens)
+        return TokenDelta(
+            request_id=req.request_id,
+            new_token_ids=[],
+            text=req.detokenizer.take(True),
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+        )
 
     # ---- handoff ---------------------------------------------------------------------------------
     def export_request(self, request_id: str) -> tuple[ExportedRequest, list[int]]:
@@ -217,7 +224,9 @@ class LLMEngine:
         cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs])
         need = -(-record.num_computed_tokens // bs) - len(cached)
         if not self.blocks.can_allocate(need):
-            raise OutOfKVBlocks(f"import of {record.request_id!r} needs {need} KV blocks, {self.blocks.num_free_blocks} free")
+            raise OutOfKVBlocks(
+                f"import of {record.request_id!r} needs {need} KV blocks, {self.blocks.num_free_blocks} free"
+            )
         self.blocks.touch(cached)
         req.block_ids = cached + self.blocks.allocate(need)
         req.num_cached_blocks = len(cached)

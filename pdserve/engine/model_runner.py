@@ -81,6 +81,11 @@ class ModelRunner:
         )
         meta = self.backend.prepare(batch, dev)
         logits = self.model(
-            torch.tensor(ids, device=dev), pos_t, self.kv_cache, self.backend, meta, torch.tensor(logits_rows, device=dev)
+            torch.tensor(ids, device=dev),
+            pos_t,
+            self.kv_cache,
+            self.backend,
+            meta,
+            torch.tensor(logits_rows, device=dev),
         )
         return logits, sampled

@@ -17,9 +17,17 @@ def test_block_hashes_are_chained_salted_and_identical_across_processes():
     assert block_hashes(tokens, 16, root_hash("model-b")) != hashes
     assert block_hashes([99] + tokens[1:], 16, root)[1] != hashes[1]  # a change upstream changes every child
     assert block_hashes(tokens, 16, root, start=hashes[:1]) == hashes
-    code = "from pdserve.hashing import block_hashes, root_hash; print(block_hashes(list(range(40)), 16, root_hash('model-a')))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PATH": ""})
+    code = (
+        "from pdserve.hashing import block_hashes, root_hash; "
+        "print(block_hashes(list(range(40)), 16, root_hash('model-a')))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert other.stdout.strip() == str(hashes)
 
 

@@ -75,8 +75,9 @@ def test_batched_equals_one_at_a_time_with_chunked_prefill():
     assert [o.token_ids for o in outs] == reference(prompts)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.9, top_p=0.9, max_tokens=24, seed=11,
-                                                           ignore_eos=True)])
+@pytest.mark.parametrize(
+    "params", [GREEDY, SamplingParams(temperature=0.9, top_p=0.9, max_tokens=24, seed=11, ignore_eos=True)]
+)
 def test_prefill_export_import_decode_continues_exactly(params):
     p = prompt(70, 5)
     expected = LLM(num_kv_blocks=256).generate([p], params)[0].token_ids
@@ -192,7 +193,9 @@ def test_top_k_one_is_greedy_and_stop_conditions(llm):
     stop_str = greedy.text[8:11]
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, stop=[stop_str]))[0]
     assert out.finish_reason == "stop" and out.text == greedy.text[: greedy.text.index(stop_str)]
-    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, stop=[stop_str], include_stop_str_in_output=True))[0]
+    out = llm.generate(
+        [p], SamplingParams(temperature=0, max_tokens=24, stop=[stop_str], include_stop_str_in_output=True)
+    )[0]
     assert out.text == greedy.text[: greedy.text.index(stop_str) + len(stop_str)]
     assert llm.generate([p], SamplingParams(temperature=0, max_tokens=5))[0].finish_reason == "length"
 

@@ -107,6 +107,8 @@ class TorchAttention:
             else:
                 keys = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
                 values = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
-                res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+                res = F.scaled_dot_product_attention(
+                    queries, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=gqa
+                )
             out[rows] = res[0].transpose(0, 1)
         return out

@@ -65,7 +65,9 @@ def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> Non
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     if missing:
-        raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        raise ValueError(
+            f"checkpoint is missing weights: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
     with torch.no_grad():
         for name, param in params.items():
             src = tensors[name]

@@ -98,6 +98,9 @@ def write_demo_model(path: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config()
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in demo_state_dict(config).items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in demo_state_dict(config).items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     demo_tokenizer().save_pretrained(out)

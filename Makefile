@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 test: setup
+	$(BIN)/ruff check pdserve tests bench
 	$(BIN)/python -m pytest -q
 
 serve: setup

@@ -118,3 +118,35 @@ class KVReservation(msgspec.Struct, kw_only=True):
     request_id: str
     block_ids: list[int]
     num_cached_blocks: int = 0
+
+
+class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
+    """The shape of an engine's paged KV cache; two peers can move blocks only if these agree (but num_blocks)."""
+
+    model_id: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_bytes: int  # one block, all layers, K and V: contiguous in the block-major cache
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """A sentence naming the first field that differs (num_blocks may differ), or None."""
+        for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_bytes"):
+            if getattr(self, name) != getattr(other, name):
+                return f"KV layout mismatch: {name} is {getattr(self, name)!r} here, {getattr(other, name)!r} at the peer"
+        return None
+
+
+class PeerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker publishes at start-up so peers can pull its KV blocks (exchanged through Ray)."""
+
+    name: str  # unique transport agent name (the worker id)
+    transport: str  # "nixl" | "local"
+    layout: KVLayout
+    base_address: int  # address of block 0 of the registered cache
+    device_id: int = 0
+    memory: str = "DRAM"  # "DRAM" | "VRAM"
+    agent_metadata: bytes = b""  # the transport's own connection blob (NIXL agent metadata)

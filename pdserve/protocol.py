@@ -136,7 +136,9 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         """A sentence naming the first field that differs (num_blocks may differ), or None."""
         for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_bytes"):
             if getattr(self, name) != getattr(other, name):
-                return f"KV layout mismatch: {name} is {getattr(self, name)!r} here, {getattr(other, name)!r} at the peer"
+                return (
+                    f"KV layout mismatch: {name} is {getattr(self, name)!r} here, {getattr(other, name)!r} at the peer"
+                )
         return None
 
 

@@ -31,20 +31,20 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
         loaded = loader.load(config.model, config.torch_dtype, self.device, config.max_model_len)
-        self.model_id = loaded.model_id
-        self.is_demo = loaded.is_demo
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.config
-        self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.model.spec.vocab_size
-        blocks = num_kv_blocks(config, loaded.model, self.max_model_len, self.device)
+        self.info = info = loaded.info
+        self.model_id = info.model_id
+        self.is_demo = info.is_demo
+        self.tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        blocks = num_kv_blocks(config, loaded.model, info.max_model_len, self.device)
         self.runner = ModelRunner(loaded.model, config, blocks, self.device)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.root = root_hash(self.model_id)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.root)
         self.requests: dict[str, Request] = {}
         self._seeds = torch.Generator().manual_seed(config.seed)
-        self.eos_token_ids = _eos_ids(loaded.config, loaded.tokenizer)
+        self.eos_token_ids = info.eos_token_ids
         self.num_computed_tokens_total = 0
         self.num_preemptions_total = 0
 
@@ -55,17 +55,7 @@ class LLMEngine:
     # ---- admission -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem; the engine is unchanged."""
-        params.validate()
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size][:5]
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad}")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens, which leaves no room to generate within the "
-                f"context length (max_model_len={self.max_model_len})"
-            )
+        self.info.validate(prompt_token_ids, params)
         if -(-len(prompt_token_ids) // self.blocks.block_size) >= self.blocks.num_blocks:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens, more than the KV cache holds "
@@ -258,11 +248,3 @@ def _role(role: Role | str) -> Role:
         return Role(role)
     except ValueError:
         raise ValueError(f"role must be one of {[r.value for r in Role]}, got {role!r}") from None
-
-
-def _eos_ids(config, tokenizer) -> set[int]:
-    ids = getattr(config, "eos_token_id", None)
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        out.add(tokenizer.eos_token_id)
-    return out

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.models.llama import LlamaForCausalLM, ModelSpec
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from pdserve.model_info import SUPPORTED_ARCHITECTURES
 
 
 def spec_from_config(config) -> ModelSpec:

@@ -6,8 +6,6 @@ random printable ASCII (the output head favours those bytes); it is a demo, not 
 
 from __future__ import annotations
 
-import torch
-
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,7 +47,9 @@ def demo_config():
     )
 
 
-def demo_state_dict(config) -> dict[str, torch.Tensor]:
+def demo_state_dict(config) -> dict:
+    import torch
+
     from pdserve.engine.models import spec_from_config
     from pdserve.engine.models.llama import LlamaForCausalLM
 

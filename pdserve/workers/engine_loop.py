@@ -1,0 +1,84 @@
+"""Runs one LLMEngine on its own thread; other threads (an asyncio loop) talk to it by commands.
+
+The engine is single-threaded: every call into it (add, abort, export, import, stats) is a command run
+on the engine thread between steps. After each step the loop hands all of that step's deltas to
+`on_outputs` in one call (on the engine thread), so consumers batch per step, not per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.protocol import TokenDelta
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[TokenDelta]], None], name: str = "engine") -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the engine thread before its next step; the future holds its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._stopped:
+                fut.set_exception(RuntimeError("engine loop is stopped"))
+                return fut
+            self._commands.append((lambda: fn(self.engine), fut))
+            self._wake.notify()
+        return fut
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def stop(self) -> None:
+        """Idempotent: finish the current step, fail queued commands, join the thread."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopped and not self._commands and not self.engine.has_unfinished():
+                        self._wake.wait()
+                    if self._stopped:
+                        break
+                    commands, self._commands = self._commands, []
+                for fn, fut in commands:
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as e:  # handed to the caller
+                            fut.set_exception(e)
+                if self.engine.has_unfinished():
+                    deltas = self.engine.step()
+                    if deltas:
+                        self._on_outputs(deltas)
+        except BaseException as e:  # the engine is broken: report it, fail whoever waits
+            self.error = e
+        finally:
+            with self._wake:
+                self._stopped = True
+                pending, self._commands = self._commands, []
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))

@@ -1,0 +1,46 @@
+"""The seam between the HTTP layer and whatever generates tokens (one local engine, or the Ray cluster).
+
+Contract: the API server validates and tokenizes, then calls `generate`, which yields `TokenDelta`s for
+one request until one has `finished=True`. Closing the iterator early (client gone) must abort the request
+everywhere it runs and free its KV blocks; the backend owns that cleanup. `Overloaded` raised before the
+first delta means "not admitted" (HTTP 429/503); any other exception mid-stream is a server-side failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from pdserve.model_info import ModelInfo
+from pdserve.protocol import SamplingParams, TokenDelta
+
+
+class Overloaded(Exception):
+    """The request was not admitted: queues are full. `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0, status: int = 429) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class BackendUnavailable(Exception):
+    """The data path is down (no live workers, engine failed); HTTP 503."""
+
+
+class GenerateBackend(Protocol):
+    info: ModelInfo
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream one request's deltas; validation already passed."""
+
+    async def check_health(self) -> None:
+        """Raise BackendUnavailable unless a tiny request can go through the data path now."""
+
+    async def stats(self) -> dict:
+        """Per-worker numbers for /health and gauges (running, waiting, kv usage, ...)."""
+
+    async def shutdown(self) -> None:
+        """Idempotent."""

@@ -40,26 +40,13 @@ class LLM:
             prompts = [prompts]
         if isinstance(prompts, list) and not prompts:
             raise ValueError("prompts is empty")
-        token_lists = [self._tokenize(p) for p in prompts]
+        token_lists = [self.engine.info.encode_prompt(p) for p in prompts]
         return self._run([p if isinstance(p, str) else None for p in prompts], token_lists, params)
 
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = []
-        for conv in conversations:
-            try:
-                ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
-            except Exception as e:  # jinja errors, a tokenizer without a template
-                raise ValueError(f"cannot apply the chat template: {e}") from None
-            token_lists.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        token_lists = [self.engine.info.encode_chat(conv) for conv in conversations]
         return self._run([None] * len(token_lists), token_lists, params)
-
-    def _tokenize(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt) if prompt else []
-        if isinstance(prompt, list):
-            return prompt
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _run(self, texts, token_lists, params) -> list[RequestOutput]:
         params = params if params is not None else SamplingParams()

@@ -30,6 +30,24 @@ class ModelInfo:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
 
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt through the tokenizer (with its special tokens, e.g. BOS); token ids pass through."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt)) if prompt else []
+        if isinstance(prompt, list):
+            return prompt
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Messages through the model's chat template, ending with the assistant's generation prompt."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # jinja errors, a tokenizer without a template, malformed messages
+            raise ValueError(f"cannot apply the chat template: {e}") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
     """Raise ValueError naming the problem with a request (what the engine would refuse)."""

@@ -71,6 +71,8 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     kv_held: bool = False  # prefill role: the blocks stay held for export until released
+    queue_s: float | None = None  # first delta only: arrival -> first scheduled, in this engine
+    prefill_s: float | None = None  # first delta only: first scheduled -> first token
 
 
 class ExportedRequest(msgspec.Struct, kw_only=True):
@@ -152,3 +154,64 @@ class PeerInfo(msgspec.Struct, frozen=True, kw_only=True):
     device_id: int = 0
     memory: str = "DRAM"  # "DRAM" | "VRAM"
     agent_metadata: bytes = b""  # the transport's own connection blob (NIXL agent metadata)
+
+
+# ---- worker and scheduler messages ------------------------------------------------------------------
+
+
+class EngineRequest(msgspec.Struct, kw_only=True):
+    """A validated, tokenized request as the API server hands it to a worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0  # wall clock at the API server
+
+
+class KVHandoff(msgspec.Struct, kw_only=True):
+    """A prefilled request whose KV a decode worker may pull: the sender holds the blocks until
+    `release` (after the pull), the lease deadline, a cancel, or the receiver's death."""
+
+    request: ExportedRequest
+    prefill_worker: str  # worker id, also the transport peer name
+    block_ids: list[int]  # sender's blocks, in order, covering request.num_computed_tokens
+    lease_deadline: float  # wall clock
+    num_bytes: int
+
+
+class PrefillResult(msgspec.Struct, kw_only=True):
+    delta: TokenDelta  # the first token (finished if the request ended there)
+    handoff: KVHandoff | None  # None when finished at the first token
+    queue_s: float  # arrival at the worker -> first scheduled
+    prefill_s: float  # first scheduled -> first token
+
+
+class DecodeStarted(msgspec.Struct, kw_only=True):
+    kv_transfer_s: float
+    num_bytes: int  # bytes pulled (blocks the receiver already cached are not pulled)
+
+
+class WorkerStats(msgspec.Struct, kw_only=True):
+    worker_id: str
+    role: str
+    num_running: int
+    num_waiting: int
+    num_held: int  # prefill: blocks under lease; decode: imports in flight
+    num_free_blocks: int
+    num_blocks: int
+    kv_usage: float
+    num_prefill_tokens_queued: int  # prompt tokens admitted but not yet computed
+    time: float  # wall clock when taken
+    alive: bool = True
+
+
+class RouteRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+
+
+class Route(msgspec.Struct, kw_only=True):
+    decode_worker: str
+    prefill_worker: str | None  # None: prefill on the decode (or mixed) worker itself
+    reason: str = ""

@@ -8,6 +8,8 @@ resumes decoding. P/D handoff and live migration are both this one mechanism.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pdserve.config import EngineConfig
@@ -118,6 +120,9 @@ class LLMEngine:
         return compute_logprobs(logits, token_ids, [r.params.logprobs or 0 for r in reqs])
 
     def _postprocess(self, req: Request, token: int, logprob) -> TokenDelta:
+        first = req.first_token_time is None
+        if first:
+            req.first_token_time = time.monotonic()
         req.append_token(token)
         req.detokenizer.add(token)
         p = req.params
@@ -134,6 +139,9 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             logprobs=[logprob] if logprob is not None else None,
         )
+        if first and req.first_scheduled_time is not None:
+            delta.queue_s = req.first_scheduled_time - req.arrival_time
+            delta.prefill_s = req.first_token_time - req.first_scheduled_time
         if reason is not None:
             self.scheduler.remove(req)
             self._finish(req, reason)
@@ -241,6 +249,22 @@ class LLMEngine:
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.blocks.take_events()
+
+    def stats(self) -> dict:
+        """Load numbers for the worker's report (plain values; the worker wraps them in WorkerStats)."""
+        sched = self.scheduler
+        queued = sum(
+            r.num_tokens - r.num_computed_tokens for r in [*sched.waiting, *sched.running] if not r.output_token_ids
+        )
+        return {
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting),
+            "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values()),
+            "num_free_blocks": self.blocks.num_free_blocks,
+            "num_blocks": self.blocks.num_blocks,
+            "kv_usage": self.blocks.usage,
+            "num_prefill_tokens_queued": queued,
+        }
 
 
 def _role(role: Role | str) -> Role:

@@ -8,6 +8,7 @@ recomputed later from its prompt plus outputs).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -102,6 +103,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.block_ids += self.blocks.allocate(need)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             req.status = Status.RUNNING
             self.running.append(req)
             out.requests.append(req)

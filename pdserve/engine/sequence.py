@@ -51,6 +51,8 @@ class Request:
         self.detokenizer = detokenizer
         self.generator = generator
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.admitted = False
         self.finish_reason: str | None = None

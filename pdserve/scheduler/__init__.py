@@ -1,0 +1,1 @@
+"""Global scheduler: routing policies (pure) and the GlobalScheduler actor (control plane only)."""

@@ -1,0 +1,151 @@
+"""LocalBackend: the `GenerateBackend` over one in-process engine on an `EngineLoop` (tests, baseline).
+
+Each engine step's deltas reach the asyncio loop in one `call_soon_threadsafe` call and are routed there
+to per-request queues; the routing table is touched only on the asyncio loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.protocol import SamplingParams, TokenDelta
+from pdserve.workers.engine_loop import EngineLoop
+
+logger = logging.getLogger(__name__)
+
+_LIVENESS_POLL_S = 0.5  # how often the watchdog checks that the engine thread is still alive
+
+
+class LocalBackend:
+    """One engine in this process. `max_queued` bounds unfinished requests; beyond it `Overloaded`."""
+
+    def __init__(self, config: EngineConfig | None = None, max_queued: int = 256, health_timeout: float = 10.0) -> None:
+        if max_queued <= 0:
+            raise ValueError(f"max_queued must be positive, got {max_queued!r}")
+        self.engine = LLMEngine(config or EngineConfig())
+        self.info = self.engine.info
+        self.max_queued = max_queued
+        self.health_timeout = health_timeout
+        self._streams: dict[str, asyncio.Queue] = {}  # unfinished requests; only the asyncio thread touches it
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._health_ids = itertools.count()
+        self.loop = EngineLoop(self.engine, self._on_outputs, name="pdserve-local-engine")
+
+    # ---- engine thread -> asyncio loop -----------------------------------------------------------
+    def _on_outputs(self, deltas: list[TokenDelta]) -> None:
+        """Engine thread, once per step: hand the whole batch to the asyncio loop in one call."""
+        aloop = self._aloop
+        if aloop is None:
+            return
+        try:
+            aloop.call_soon_threadsafe(self._route, deltas)
+        except RuntimeError:  # the asyncio loop is closed: nobody is listening any more
+            pass
+
+    def _route(self, deltas: list[TokenDelta]) -> None:
+        for d in deltas:
+            queue = self._streams.get(d.request_id)
+            if queue is not None:  # None: the stream was closed and its abort is on the way
+                queue.put_nowait(d)
+
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._aloop is not loop:
+            if self._streams:
+                raise RuntimeError("LocalBackend is serving requests on another event loop")
+            self._aloop = loop
+            self._watchdog = loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Fail every open stream once the engine thread dies (streams registered before an add that
+        succeeded are all in `_streams` by then, so none waits forever)."""
+        while self.loop.alive:
+            await asyncio.sleep(_LIVENESS_POLL_S)
+        error = BackendUnavailable(f"the engine loop stopped ({self.loop.error!r})")
+        for queue in self._streams.values():
+            queue.put_nowait(error)
+
+    # ---- GenerateBackend -------------------------------------------------------------------------
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        return self._stream(request_id, prompt_token_ids, params, admit=True)
+
+    async def _stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admit: bool):
+        self._bind()
+        if not self.loop.alive:
+            raise BackendUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+        if admit and len(self._streams) >= self.max_queued:
+            raise Overloaded(f"{len(self._streams)} requests in flight (max_queued={self.max_queued})", retry_after=1.0)
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue  # registered before the engine can produce its first delta
+        finished = False
+        try:
+            try:
+                await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            except RuntimeError as e:
+                if not self.loop.alive:  # stopped between the check above and the add
+                    raise BackendUnavailable(f"the engine loop is not running ({e})") from e
+                raise
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                finished = delta.finished
+                yield delta
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self.loop.alive:
+                # Closed early (client gone, cancelled, error): commands run in order, so this abort runs
+                # after the add even when the add is still queued. Fire and forget: abort cannot fail.
+                self.loop.submit(lambda e: e.abort(request_id))
+
+    async def check_health(self) -> None:
+        """A 1-token greedy request through the engine (bypassing admission) within `health_timeout`."""
+        if not self.loop.alive:
+            raise BackendUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+        request_id = f"health-{next(self._health_ids)}"
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+        async def probe() -> None:
+            async for _ in self._stream(request_id, [0], params, admit=False):
+                pass
+
+        try:
+            await asyncio.wait_for(probe(), self.health_timeout)
+        except BackendUnavailable:
+            raise
+        except asyncio.TimeoutError:
+            raise BackendUnavailable(f"the engine did not answer a 1-token request in {self.health_timeout}s") from None
+        except Exception as e:  # the loop stopped between the check and the call, or the engine failed
+            raise BackendUnavailable(f"health probe failed: {e!r}") from e
+
+    async def stats(self) -> dict:
+        """{"workers": [{worker, role, running, waiting, kv_usage, num_free_blocks, num_blocks}]}."""
+
+        def snapshot(e: LLMEngine) -> dict:
+            return {
+                "worker": "local",
+                "role": "mixed",
+                "running": len(e.scheduler.running),
+                "waiting": len(e.scheduler.waiting),
+                "kv_usage": e.blocks.usage,
+                "num_free_blocks": e.blocks.num_free_blocks,
+                "num_blocks": e.blocks.num_blocks,
+            }
+
+        try:
+            workers = [await self.loop.call(snapshot)]
+        except RuntimeError:  # the engine loop is stopped: no live worker
+            workers = []
+        return {"workers": workers, "num_streams": len(self._streams)}
+
+    async def shutdown(self) -> None:
+        """Idempotent: stop the engine thread; the watchdog then fails the open streams."""
+        await asyncio.to_thread(self.loop.stop)

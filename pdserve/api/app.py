@@ -1,0 +1,153 @@
+"""The FastAPI app: OpenAI-compatible routes over a `GenerateBackend`, plus /health and /metrics.
+
+`create_app` builds one app (with its own metrics registry unless given one); `serve` runs it with
+uvicorn and shuts the backend down afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdserve.api.backend import BackendUnavailable, GenerateBackend
+from pdserve.api.chat import create_chat_completion
+from pdserve.api.completions import create_completion
+from pdserve.api.errors import APIError, error_response, install_handlers
+from pdserve.api.responses import ModelCard, ModelList
+from pdserve.api.serving import Admission, ServingContext
+from pdserve.api.sse import STATUS_KEY
+from pdserve.metrics import Metrics
+
+logger = logging.getLogger("pdserve.api")
+
+STATS_TIMEOUT_S = 2.0  # a /metrics scrape never waits longer than this for backend.stats()
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
+
+
+def create_app(
+    backend: GenerateBackend,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_pending: int = 1024,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """An app serving `backend`. `api_key`: required as a Bearer token on /v1/*; `max_pending`: generation
+    requests in flight at this server before new ones get 429."""
+    metrics = metrics if metrics is not None else Metrics()
+    ctx = ServingContext(
+        backend=backend,
+        info=backend.info,
+        served_model_name=served_model_name or backend.info.model_id,
+        metrics=metrics,
+        admission=Admission(max_pending, metrics),
+    )
+    created = int(time.time())
+    app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve")
+    app.state.backend, app.state.metrics, app.state.ctx = backend, metrics, ctx
+    install_handlers(app)
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    v1 = [Depends(authorize)]
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(request: Request) -> Response:
+        return await create_completion(ctx, request)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(ctx, request)
+
+    def model_card() -> ModelCard:
+        info = backend.info
+        return ModelCard(
+            id=ctx.served_model_name, created=created, root=info.model_id, max_model_len=info.max_model_len
+        )
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}", dependencies=v1)
+    async def retrieve_model(model: str) -> ModelCard:
+        ctx.check_model(model)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await backend.check_health()
+        except BackendUnavailable as e:
+            return error_response(APIError(503, f"unhealthy: {e}", code="backend_unavailable"))
+        except Exception as e:  # any failure of the probe means the data path is not serving
+            logger.warning("health check failed: %r", e)
+            return error_response(APIError(503, f"unhealthy: {type(e).__name__}: {e}", code="backend_unavailable"))
+        return JSONResponse({"status": "ok", "model": ctx.served_model_name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        try:
+            metrics.set_worker_stats(await asyncio.wait_for(backend.stats(), STATS_TIMEOUT_S))
+        except Exception as e:  # a scrape still returns the API's own metrics
+            logger.warning("backend.stats() failed: %r", e)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _CountRequests:
+    """Counts pdserve_requests_total{endpoint,status} for every request to a counted path, whatever
+    produced the response (route, exception handler, or the 500 of the outermost error middleware)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        endpoint = path if path in COUNTED_PATHS else "/v1/models" if path.startswith("/v1/models/") else None
+        if scope["type"] != "http" or endpoint is None:
+            return await self.app(scope, receive, send)
+        status = 500  # if nothing was sent, the outer error middleware answers 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            status = scope.get("state", {}).get(STATUS_KEY, status)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def serve(app: FastAPI, host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> None:
+    """Run `app` with uvicorn until interrupted, then shut its backend down (in the same event loop)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+
+    async def main() -> None:
+        try:
+            await server.serve()
+        finally:
+            await app.state.backend.shutdown()
+
+    asyncio.run(main())

@@ -1,0 +1,258 @@
+"""KV transports without Ray: the local oracle and NIXL between two agents in one process move the right blocks."""
+
+import asyncio
+import itertools
+import sys
+
+import pytest
+import torch
+
+from pdserve.kv import KVTransferError, KVTransport, TransferState, make_transport
+from pdserve.protocol import KVLayout, PeerInfo
+
+SHAPE = (4, 2, 16, 2, 32)  # num_layers, K/V, block_size, num_kv_heads, head_dim
+_names = itertools.count()
+
+
+def layout(num_blocks: int, **changes) -> KVLayout:
+    fields = dict(model_id="tiny", dtype="float32", block_size=16, num_layers=4, num_kv_heads=2, head_dim=32)
+    fields.update(changes)
+    block_bytes = fields["num_layers"] * 2 * fields["block_size"] * fields["num_kv_heads"] * fields["head_dim"] * 4
+    return KVLayout(num_blocks=num_blocks, block_bytes=block_bytes, **fields)
+
+
+def cache(num_blocks: int, seed: int) -> torch.Tensor:
+    return torch.randn((num_blocks, *SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+def transport(kind: str, num_blocks: int, seed: int, **options) -> KVTransport:
+    return make_transport(kind, f"{kind}-{next(_names)}", cache(num_blocks, seed), layout(num_blocks), **options)
+
+
+@pytest.fixture(params=["local", "nixl"])
+def kind(request):
+    if request.param == "nixl":
+        pytest.importorskip("nixl")
+    return request.param
+
+
+@pytest.fixture
+def pair(kind):
+    """(sender, receiver) of one kind, receiver connected to sender; closed afterwards."""
+    sender, receiver = transport(kind, 40, seed=1), transport(kind, 24, seed=2)
+    receiver.add_peer(sender.peer_info())
+    yield sender, receiver
+    receiver.close()
+    sender.close()
+
+
+def wait(t: KVTransport, handle: int) -> TransferState:
+    while (state := t.poll(handle)) is TransferState.PENDING:
+        pass
+    return state
+
+
+def assert_moved(sender, receiver, before, src, dst):
+    for s, d in zip(src, dst):
+        assert torch.equal(receiver.kv_cache[d], sender.kv_cache[s]), (s, d)
+    untouched = [i for i in range(receiver.layout.num_blocks) if i not in dst]
+    assert torch.equal(receiver.kv_cache[untouched], before[untouched])
+
+
+def test_start_pull_moves_exactly_the_listed_blocks(pair):
+    sender, receiver = pair
+    before = receiver.kv_cache.clone()
+    src, dst = [3, 17, 18, 19, 39, 0], [5, 0, 1, 2, 23, 11]  # a run of three, out-of-order, both ends
+    handle = receiver.start_pull(sender.name, src, dst)
+    assert wait(receiver, handle) is TransferState.DONE
+    assert receiver.poll(handle) is TransferState.DONE  # stays DONE until released
+    receiver.release(handle)
+    receiver.release(handle)
+    assert_moved(sender, receiver, before, src, dst)
+    with pytest.raises(KeyError):
+        receiver.poll(handle)
+
+
+def test_pull_from_an_event_loop(pair):
+    sender, receiver = pair
+    before = receiver.kv_cache.clone()
+    src, dst = [30, 2, 9], [4, 20, 7]
+    asyncio.run(receiver.pull(sender.name, src, dst, timeout_s=5.0))
+    assert_moved(sender, receiver, before, src, dst)
+
+
+def test_empty_pull_is_done(pair):
+    sender, receiver = pair
+    handle = receiver.start_pull(sender.name, [], [])
+    assert receiver.poll(handle) is TransferState.DONE
+    receiver.release(handle)
+
+
+def test_unknown_peer_and_bad_ids(pair):
+    sender, receiver = pair
+    with pytest.raises(KVTransferError, match="unknown peer 'nobody'.*add_peer"):
+        receiver.start_pull("nobody", [0], [0])
+    with pytest.raises(ValueError, match="2 source blocks but 1 destination"):
+        receiver.start_pull(sender.name, [0, 1], [0])
+    with pytest.raises(ValueError, match=r"source block ids must be in \[0, 40\)"):
+        receiver.start_pull(sender.name, [40], [0])
+    with pytest.raises(ValueError, match=r"destination block ids must be in \[0, 24\)"):
+        receiver.start_pull(sender.name, [0], [-1])
+    receiver.remove_peer(sender.name)
+    receiver.remove_peer(sender.name)
+    with pytest.raises(KVTransferError, match="unknown peer"):
+        receiver.start_pull(sender.name, [0], [0])
+
+
+def test_add_peer_is_idempotent(pair):
+    sender, receiver = pair
+    receiver.add_peer(sender.peer_info())
+    asyncio.run(receiver.pull(sender.name, [1], [1], timeout_s=5.0))
+    assert torch.equal(receiver.kv_cache[1], sender.kv_cache[1])
+
+
+@pytest.mark.parametrize("field, value", [("head_dim", 64), ("model_id", "other"), ("dtype", "bfloat16")])
+def test_layout_mismatch_names_the_field(kind, field, value):
+    receiver = transport(kind, 8, seed=0)
+    other = layout(8, **{field: value})
+    info = PeerInfo(name="peer", transport=kind, layout=other, base_address=0)
+    try:
+        with pytest.raises(ValueError, match=f"{field} is"):
+            receiver.add_peer(info)
+    finally:
+        receiver.close()
+
+
+def test_transport_kinds_must_match(kind):
+    receiver = transport(kind, 8, seed=0)
+    other = "local" if kind == "nixl" else "nixl"
+    info = PeerInfo(name="peer", transport=other, layout=layout(8), base_address=0)
+    try:
+        with pytest.raises(ValueError, match=f"uses the '{other}' transport"):
+            receiver.add_peer(info)
+    finally:
+        receiver.close()
+
+
+def test_close_is_idempotent_and_final(pair):
+    sender, receiver = pair
+    handle = receiver.start_pull(sender.name, [0], [0])
+    receiver.close()
+    receiver.close()
+    receiver.release(handle)
+    with pytest.raises(KVTransferError, match="closed"):
+        receiver.start_pull(sender.name, [0], [0])
+
+
+def test_cache_must_match_layout():
+    with pytest.raises(ValueError, match="layout says 9 blocks"):
+        make_transport("local", "bad-shape", cache(8, 0), layout(9))
+    with pytest.raises(ValueError, match="contiguous"):
+        make_transport("local", "bad-stride", cache(8, 0).transpose(0, 1), layout(8))
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown KV transport 'nccl'.*'local', 'nixl'"):
+        make_transport("nccl", "x", cache(2, 0), layout(2))
+
+
+def test_nixl_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl", None)
+    monkeypatch.setitem(sys.modules, "nixl._api", None)
+    with pytest.raises(ImportError, match="needs the nixl package"):
+        make_transport("nixl", "no-nixl", cache(2, 0), layout(2))
+
+
+def test_local_names_are_unique_per_process():
+    first = transport("local", 2, seed=0)
+    with pytest.raises(ValueError, match="already exists"):
+        make_transport("local", first.name, cache(2, 0), layout(2))
+    first.close()
+    make_transport("local", first.name, cache(2, 0), layout(2)).close()
+
+
+def test_local_pull_from_a_closed_peer_fails():
+    sender, receiver = transport("local", 4, seed=1), transport("local", 4, seed=2)
+    receiver.add_peer(sender.peer_info())
+    sender.close()
+    handle = receiver.start_pull(sender.name, [0], [0])
+    assert receiver.poll(handle) is TransferState.FAILED
+    assert "closed" in receiver.error(handle)
+    with pytest.raises(KVTransferError, match="failed: peer .* has closed"):
+        asyncio.run(receiver.pull(sender.name, [0], [0], timeout_s=1.0))
+    receiver.close()
+
+
+def test_local_peer_must_be_in_this_process():
+    receiver = transport("local", 4, seed=0)
+    info = PeerInfo(name="elsewhere", transport="local", layout=layout(4), base_address=1234)
+    with pytest.raises(ValueError, match="in-process"):
+        receiver.add_peer(info)
+    receiver.close()
+
+
+def test_nixl_split_pull_through_the_thread_pool():
+    pytest.importorskip("nixl")
+    sender = transport("nixl", 64, seed=3)
+    receiver = transport("nixl", 64, seed=4, num_threads=2, split_bytes=1)  # every pull is split and pooled
+    try:
+        receiver.add_peer(sender.peer_info())
+        before = receiver.kv_cache.clone()
+        src, dst = list(range(10, 50)), list(range(63, 23, -1))
+        asyncio.run(receiver.pull(sender.name, src, dst, timeout_s=5.0))
+        assert_moved(sender, receiver, before, src, dst)
+        handle = receiver.start_pull(sender.name, [1, 2, 3], [4, 5, 6])
+        receiver.release(handle)  # released while possibly pending: waits for the posted copies
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_nixl_rejects_itself_as_peer():
+    pytest.importorskip("nixl")
+    t = transport("nixl", 4, seed=0)
+    try:
+        with pytest.raises(ValueError, match="itself"):
+            t.add_peer(t.peer_info())
+    finally:
+        t.close()
+
+
+class _Stuck(KVTransport):
+    """A transport whose transfers never finish, to test `pull`'s timeout and release."""
+
+    kind = "stuck"
+
+    def __init__(self):
+        super().__init__("stuck", cache(2, 0), layout(2))
+        self.polls, self.released = 0, []
+
+    def peer_info(self):
+        raise NotImplementedError
+
+    def add_peer(self, info):
+        pass
+
+    def remove_peer(self, name):
+        pass
+
+    def start_pull(self, peer, src_block_ids, dst_block_ids):
+        return 7
+
+    def poll(self, handle):
+        self.polls += 1
+        return TransferState.PENDING
+
+    def release(self, handle):
+        self.released.append(handle)
+
+    def close(self):
+        pass
+
+
+def test_pull_times_out_with_backoff_and_releases():
+    t = _Stuck()
+    with pytest.raises(KVTransferError, match="timed out after 0.05 s"):
+        asyncio.run(t.pull("peer", [0], [0], timeout_s=0.05))
+    assert t.released == [7]
+    assert 2 < t.polls < 200  # sleeps between polls, does not spin

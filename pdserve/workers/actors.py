@@ -1,0 +1,92 @@
+"""Ray actor classes for the three worker roles; each owns one engine on its own device.
+
+`start()` builds the engine inside the actor's event loop (construction allocates the KV cache and
+registers it with the transport), so peers can be wired before the first request arrives.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from pdserve.config import EngineConfig
+from pdserve.protocol import EngineRequest, KVHandoff, PeerInfo
+from pdserve.workers.worker import Worker, WorkerOptions
+
+
+class _WorkerActor:
+    role = ""
+
+    def __init__(self, worker_id: str, config: EngineConfig, options: WorkerOptions) -> None:
+        self._args = (worker_id, config, options)
+        self.w: Worker | None = None
+
+    async def start(self) -> PeerInfo:
+        if self.w is None:
+            worker_id, config, options = self._args
+            self.w = Worker(worker_id, self.role, config, options)
+        return self.w.peer_info()
+
+    async def add_peers(self, infos: list[PeerInfo]) -> None:
+        self.w.add_peers(infos)
+
+    async def set_scheduler(self, handle) -> None:
+        self.w.set_scheduler(handle)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def health(self) -> bool:
+        return await self.w.health()
+
+    async def stats(self):
+        return await self.w.stats()
+
+    async def drain(self) -> None:
+        await self.w.drain()
+
+    async def leak_report(self) -> str | None:
+        return await self.w.leak_report()
+
+    async def shutdown(self) -> None:
+        if self.w is not None:
+            await self.w.shutdown()
+
+    async def poll_outputs(self, timeout_s: float = 1.0):
+        return await self.w.poll_outputs(timeout_s)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self.w.abort(request_ids)
+
+    async def generate(self, req: EngineRequest) -> None:
+        await self.w.generate(req)
+
+
+class _PrefillMixin:
+    async def prefill(self, req: EngineRequest, decode_worker: str = "", decode_handle=None):
+        return await self.w.prefill(req, decode_worker, decode_handle)
+
+    async def release(self, request_id: str) -> bool:
+        return await self.w.release(request_id)
+
+
+class _DecodeMixin:
+    async def decode(self, handoff: KVHandoff, prefill_handle=None):
+        return await self.w.decode(handoff, prefill_handle)
+
+
+@ray.remote
+class PrefillWorker(_PrefillMixin, _WorkerActor):
+    role = "prefill"
+
+
+@ray.remote
+class DecodeWorker(_DecodeMixin, _WorkerActor):
+    role = "decode"
+
+
+@ray.remote
+class MixedWorker(_PrefillMixin, _DecodeMixin, _WorkerActor):
+    role = "mixed"
+
+
+ACTOR_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "mixed": MixedWorker}

@@ -40,7 +40,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request) -> Respo
     req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     ctx.check_model(req.model)
     req.check()
-    messages = [m.as_template_input() for m in req.messages]
+    messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
     try:
         ids = ctx.info.encode_chat(messages)
     except ValueError as e:

@@ -144,11 +144,15 @@ class ChatMessage(StrictModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def as_template_input(self) -> dict:
+    def as_template_input(self, i: int) -> dict:
+        """The message as the chat template sees it; `i` is its position (for error messages)."""
         if isinstance(self.content, list):
-            for part in self.content:
+            for j, part in enumerate(self.content):
                 if part.type != "text" or part.text is None:
-                    raise unsupported(f"content part type {part.type!r}", "only text parts are supported")
+                    raise bad_request(
+                        f"content part type {part.type!r} is not supported by pdserve (only text parts are)",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
             content = "".join(part.text for part in self.content)
         else:
             content = self.content or ""

@@ -95,10 +95,15 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, aliases=None) -> SamplingParams:
+    """SamplingParams from the request; a 400 names the request's parameter (`aliases`: engine -> API name)."""
     try:
         return req.sampling_params(max_tokens, logprobs)
     except ValueError as e:
-        raise bad_request(str(e), param=param_of(e, aliases)) from None
+        message, param = str(e), param_of(e, aliases)
+        word = message.split(" ", 1)[0]
+        if param is not None and param != word:
+            message = param + message[len(word) :]
+        raise bad_request(message, param=param) from None
 
 
 def validate_prompt(info: ModelInfo, ids: list[int], params: SamplingParams) -> None:

@@ -1,12 +1,13 @@
 """The FastAPI app: OpenAI-compatible routes over a `GenerateBackend`, plus /health and /metrics.
 
 `create_app` builds one app (with its own metrics registry unless given one); `serve` runs it with
-uvicorn and shuts the backend down afterwards.
+uvicorn and shuts the backend down on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pdserve.api.backend import BackendUnavailable, GenerateBackend
 from pdserve.api.chat import create_chat_completion
 from pdserve.api.completions import create_completion
-from pdserve.api.errors import APIError, error_response, install_handlers
+from pdserve.api.errors import APIError, error_response, install_handlers, internal_error
 from pdserve.api.responses import ModelCard, ModelList
 from pdserve.api.serving import Admission, ServingContext
 from pdserve.api.sse import STATUS_KEY
@@ -53,7 +54,7 @@ def create_app(
     app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve")
     app.state.backend, app.state.metrics, app.state.ctx = backend, metrics, ctx
     install_handlers(app)
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_Guard, metrics=metrics)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -111,19 +112,21 @@ def create_app(
     return app
 
 
-class _CountRequests:
-    """Counts pdserve_requests_total{endpoint,status} for every request to a counted path, whatever
-    produced the response (route, exception handler, or the 500 of the outermost error middleware)."""
+class _Guard:
+    """Outermost middleware. Counts pdserve_requests_total{endpoint,status} for the counted paths, and
+    answers an unhandled exception with a 500 error object itself (Starlette's error middleware would
+    re-raise it, making the server drop the keep-alive connection). A failure after the response started
+    is re-raised: the connection must be cut so the client sees a truncated response."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = path if path in COUNTED_PATHS else "/v1/models" if path.startswith("/v1/models/") else None
-        if scope["type"] != "http" or endpoint is None:
-            return await self.app(scope, receive, send)
-        status = 500  # if nothing was sent, the outer error middleware answers 500
+        status: int | None = None
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -133,21 +136,36 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            logger.exception("unhandled error in %s %s", scope.get("method"), path)
+            if status is not None:
+                status = 500
+                raise
+            await error_response(internal_error(exc))(scope, receive, send_and_note)
         finally:
-            status = scope.get("state", {}).get(STATUS_KEY, status)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if endpoint is not None:
+                status = scope.get("state", {}).get(STATUS_KEY, status or 500)
+                self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 def serve(app: FastAPI, host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> None:
-    """Run `app` with uvicorn until interrupted, then shut its backend down (in the same event loop)."""
+    """Run `app` with uvicorn until SIGINT/SIGTERM; the backend is shut down during the graceful shutdown
+    (in the app's lifespan, before uvicorn re-raises the signal). Returns normally after Ctrl-C."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    backend, inner = app.state.backend, app.router.lifespan_context
 
-    async def main() -> None:
-        try:
-            await server.serve()
-        finally:
-            await app.state.backend.shutdown()
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI):
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await backend.shutdown()
 
-    asyncio.run(main())
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_keep_alive=30)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it has already handled gracefully
+        pass

@@ -1,7 +1,7 @@
 """OpenAI-style error objects and the exception handlers that turn every failure into one.
 
 Bad input is always a 4xx naming the offending parameter; a 500 only ever means a bug (logged with its
-traceback).
+traceback by the app's outermost middleware, which also answers it, so the connection stays usable).
 """
 
 from __future__ import annotations
@@ -123,10 +123,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
         return error_response(APIError(503, f"the model backend is unavailable: {exc}", code="backend_unavailable"))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error"))
+
+def internal_error(exc: BaseException) -> APIError:
+    """A bug: the client gets a 500 error object, the log gets the traceback (see `app._Guard`)."""
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
 def overloaded_error(exc: Overloaded) -> APIError:

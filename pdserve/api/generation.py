@@ -147,6 +147,9 @@ class Generation:
             task.cancel()
         if not self._started:  # not admitted: no tokens were processed
             return
+        for c in self.choices:
+            if c.finish_reason is None:  # cut short: client gone, or a failure elsewhere
+                self.metrics.requests_finished.labels("abort").inc()
         usage = self.usage()
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.generation_tokens.inc(usage.completion_tokens)

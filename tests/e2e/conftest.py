@@ -35,7 +35,9 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name=f"e2e-uvicorn-{self.port}", daemon=True
+        )
 
     def start(self) -> ServerThread:
         self.thread.start()
@@ -74,6 +76,14 @@ def wait_idle(backend: LocalBackend, timeout: float = 30) -> None:
         assert time.monotonic() < deadline, "engine did not become idle"
         time.sleep(0.05)
     engine_call(backend, lambda e: e.blocks.check_no_leak())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_threads_left_behind() -> Iterator[None]:
+    yield
+    names = ("e2e-uvicorn-", "pdserve-local-engine")
+    left = [t.name for t in threading.enumerate() if t.name.startswith(names)]
+    assert not left, f"threads left running after the e2e tests: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def create_app(
     install_handlers(app)
     app.add_middleware(_Guard, metrics=metrics)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -24,7 +24,7 @@ _LIVENESS_POLL_S = 0.5  # how often the watchdog checks that the engine thread i
 class LocalBackend:
     """One engine in this process. `max_queued` bounds unfinished requests; beyond it `Overloaded`."""
 
-    def __init__(self, config: EngineConfig | None = None, max_queued: int = 256, health_timeout: float = 10.0) -> None:
+    def __init__(self, config: EngineConfig | None = None, max_queued: int = 256, health_timeout: float = 5.0) -> None:
         if max_queued <= 0:
             raise ValueError(f"max_queued must be positive, got {max_queued!r}")
         self.engine = LLMEngine(config or EngineConfig())

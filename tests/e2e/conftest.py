@@ -1,81 +1,20 @@
-"""E2E fixtures: real uvicorn servers on free ports (background threads) over one shared LocalBackend.
-
-Every server started here is stopped and its thread joined at teardown; sockets are bound by us (port 0)
-so there is no port race.
-"""
+"""E2E fixtures: one shared LocalBackend on the demo model, a server over it, clients, the offline oracle."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
 from pdserve.workers.local_backend import LocalBackend
+from tests.e2e.harness import ServerThread, serving
 
 NUM_KV_BLOCKS = 512  # 8192 tokens of 16: room for 32 concurrent streams and the long-prompt tests
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name=f"e2e-uvicorn-{self.port}", daemon=True
-        )
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "server thread did not stop"
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[ServerThread]:
-    server = ServerThread(app).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def engine_call(backend: LocalBackend, fn, timeout: float = 30):
-    """Run `fn(engine)` on the backend's engine thread (the engine is not thread-safe)."""
-    return backend.loop.submit(fn).result(timeout)
-
-
-def wait_idle(backend: LocalBackend, timeout: float = 30) -> None:
-    """Wait until the engine has no requests left, then assert no KV block is still referenced."""
-    deadline = time.monotonic() + timeout
-    while engine_call(backend, lambda e: bool(e.requests) or e.has_unfinished()):
-        assert time.monotonic() < deadline, "engine did not become idle"
-        time.sleep(0.05)
-    engine_call(backend, lambda e: e.blocks.check_no_leak())
 
 
 @pytest.fixture(scope="session", autouse=True)

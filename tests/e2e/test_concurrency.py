@@ -9,10 +9,10 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import engine_call, serving, wait_idle
 
 from pdserve import SamplingParams
 from pdserve.api.app import create_app
+from tests.e2e.harness import engine_call, serving, wait_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import serving
 
 from pdserve.api.app import create_app
+from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 

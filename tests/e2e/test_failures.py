@@ -8,12 +8,12 @@ import json
 
 import httpx
 import pytest
-from conftest import serving
 
 from pdserve.api.app import create_app
 from pdserve.api.backend import BackendUnavailable, Overloaded
 from pdserve.model_info import load_model_info
 from pdserve.protocol import TokenDelta
+from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 

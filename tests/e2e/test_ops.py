@@ -12,12 +12,12 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import serving
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
 from pdserve.metrics import Metrics
 from pdserve.workers.local_backend import LocalBackend
+from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 serve: setup
-	$(BIN)/pdserve generate "Hello, pdserve!" --max-tokens 32 $(PDS_ARGS)
+	$(BIN)/pdserve serve $(PDS_ARGS)
 
 lint: setup
 	$(BIN)/ruff check pdserve tests bench

@@ -28,7 +28,7 @@ class _Peer:
 @dataclass(eq=False)
 class _Pull:
     peer: str
-    xfers: list = field(default_factory=list)  # one NIXL transfer per chunk
+    xfers: list = field(default_factory=list)  # one NIXL transfer per chunk, set by the thread that posts it
     posts: list[Future] = field(default_factory=list)  # pool posts of those transfers; empty when posted inline
     done: set[int] = field(default_factory=set)  # chunks known to be DONE
     state: TransferState = TransferState.PENDING
@@ -39,14 +39,14 @@ class NixlTransport(KVTransport):
     """NIXL over UCX between workers; DRAM for CPU caches, VRAM for CUDA caches.
 
     Options:
-    - `num_threads`: a pull of at least `split_bytes` is split into this many chunks, posted from a pool of
-      as many threads on as many UCX workers. Posting a large DRAM pull can copy inline (CMA), so posting
-      off the caller's thread keeps `start_pull` non-blocking, and parallel chunks copy faster. Smaller
-      pulls are posted inline: their copy is shorter than a thread hand-off.
+    - `num_threads`: a pull of at least `split_bytes` is split into this many chunks, each made and posted
+      on its own thread of a pool (and UCX worker). A DRAM READ over CMA copies inside the post, so posting
+      off the caller's thread keeps `start_pull` non-blocking and the chunks copy in parallel. Smaller pulls
+      are posted inline: their copy is shorter than a thread hand-off.
     - `progress_thread`: NIXL's UCX progress thread, with UCX peer-failure handling. Off by default: the
-      thread polls without sleeping (a whole core per worker), and without it a READ over CMA or CUDA IPC
-      needs no action from the sender. Turn it on for transports whose connection set-up needs the
-      sender to make progress (cross-node RDMA or TCP), which this host cannot test.
+      thread polls without sleeping (a whole core per agent), and without it a READ over CMA needs no action
+      from the sender (a dead sender still fails the pull at once). Turn it on where connection set-up needs
+      the sender to make progress (cross-node RDMA or TCP; not testable on this host).
     """
 
     kind = "nixl"
@@ -143,24 +143,21 @@ class NixlTransport(KVTransport):
             pull.state = TransferState.DONE
             return handle
         big = len(src_block_ids) * self.layout.block_bytes >= self._split_bytes
-        chunks = min(self._num_threads, len(src_block_ids)) if big else 1
+        chunks = _bounds(len(src_block_ids), min(self._num_threads, len(src_block_ids)) if big else 1)
+        pull.xfers = [None] * len(chunks)
+        parts = [(pull, i, known, src_block_ids[lo:hi], dst_block_ids[lo:hi]) for i, (lo, hi) in enumerate(chunks)]
+        if big:
+            pull.posts = [self._pool.submit(self._post, *part) for part in parts]
+            return handle
         try:
-            for lo, hi in _bounds(len(src_block_ids), chunks):
-                pull.xfers.append(
-                    self._agent.make_prepped_xfer(
-                        "READ", self._local, dst_block_ids[lo:hi], known.blocks, src_block_ids[lo:hi]
-                    )
-                )
-            if big:
-                pull.posts = [self._pool.submit(self._agent.transfer, x) for x in pull.xfers]
-            else:
-                status = self._agent.transfer(pull.xfers[0])
-                if status == "DONE":  # small DRAM reads usually complete inside the post
-                    pull.done.add(0)
-                elif status == "ERR":
-                    self._fail(pull, "NIXL could not post the transfer")
+            status = self._post(*parts[0])
         except Exception as e:  # NIXL raises e.g. nixlRemoteDisconnectError when the peer has gone
             self._fail(pull, e)
+            return handle
+        if status == "DONE":  # small DRAM reads usually complete inside the post
+            pull.done.add(0)
+        elif status == "ERR":
+            self._fail(pull, "NIXL could not post the transfer")
         return handle
 
     def poll(self, handle: int) -> TransferState:
@@ -168,7 +165,7 @@ class NixlTransport(KVTransport):
         if pull.state is not TransferState.PENDING:
             return pull.state
         pending = False
-        for i, xfer in enumerate(pull.xfers):
+        for i in range(len(pull.xfers)):
             if i in pull.done:
                 continue
             if pull.posts:
@@ -182,7 +179,7 @@ class NixlTransport(KVTransport):
                     pull.done.add(i)
                     continue
             try:
-                status = self._agent.check_xfer_state(xfer)
+                status = self._agent.check_xfer_state(pull.xfers[i])
             except Exception as e:
                 return self._fail(pull, e)
             if status == "ERR":
@@ -219,10 +216,16 @@ class NixlTransport(KVTransport):
         _best_effort(self._agent.deregister_memory, self._registered)
         self._unreleased.clear()
 
+    def _post(self, pull: _Pull, i: int, peer: _Peer, src: list[int], dst: list[int]) -> str:
+        """Make and post one chunk's READ on the calling thread. Making every chunk on one thread and posting
+        from several measured slower than one thread: NIXL seems to bind a transfer to its maker's UCX worker."""
+        pull.xfers[i] = self._agent.make_prepped_xfer("READ", self._local, dst, peer.blocks, src)
+        return self._agent.transfer(pull.xfers[i])
+
     def _drop(self, pull: _Pull) -> None:
         """Wait for the posts still copying, then release (and so cancel) the pull's NIXL transfers."""
         wait_futures(pull.posts)
-        for xfer in pull.xfers:
+        for xfer in filter(None, pull.xfers):
             try:
                 self._agent.release_xfer_handle(xfer)
             except Exception as e:

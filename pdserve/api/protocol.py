@@ -6,16 +6,18 @@ pdserve cannot honour are rejected when set to anything but their neutral value,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.api.errors import APIError, bad_request
 from pdserve.protocol import SamplingParams
 
 MAX_N = 128
 _SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; seed + n - 1 must fit
+# Integers cross process boundaries as msgspec int64: bound them here, so an absurd value is a 400.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StrictModel(BaseModel):
@@ -42,9 +44,9 @@ class SamplingRequest(StrictModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the caller's logs: accepted, unused
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add prompt_token_ids and token_ids to each choice
@@ -107,7 +109,7 @@ def with_seed(params: SamplingParams, sample_index: int) -> SamplingParams:
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # None: 16, OpenAI's default
+    max_tokens: Int64 | None = 16  # None: 16, OpenAI's default
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -164,8 +166,8 @@ class ChatMessage(StrictModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # None (both): up to the context length
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None  # None (both): up to the context length
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None

@@ -30,6 +30,8 @@ CASES = [
     ("messages as string", CHAT, {"model": M, "messages": "hi"}, 400, "messages"),
     ("bad role", CHAT, {"model": M, "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role"),
     ("content as number", CHAT, {"model": M, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("huge max_tokens", CMPL, {"model": M, "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
+    ("huge stop token id", CMPL, {"model": M, "prompt": "x", "stop_token_ids": [2**64]}, 400, "stop_token_ids[0]"),
     ("negative max_tokens", CMPL, {"model": M, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("zero max_tokens", CMPL, {"model": M, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("negative max_completion_tokens", CHAT, {"model": M, "messages": MSGS, "max_completion_tokens": -3}, 400,

@@ -68,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         address=args.address,
         lease_s=args.lease_s,
         max_waiting_per_worker=args.max_waiting,
+        routing_temperature=args.routing_temperature,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
     )
     if args.model is None:
         print(DEMO_NOTE, file=sys.stderr)
@@ -135,7 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--decode-workers", type=int, default=1)
     srv.add_argument("--colocated-workers", type=int, default=0, help="workers that prefill and decode (no handoff)")
     srv.add_argument("--transport", default="nixl", choices=["nixl", "local"], help="KV transfer between workers")
-    srv.add_argument("--routing", default="least_loaded", help="routing policy: least_loaded, round_robin")
+    srv.add_argument(
+        "--routing",
+        default="prefix_aware",
+        help="routing policy: prefix_aware, least_loaded, round_robin, sglang_cache_aware, dynamo_kv_cost",
+    )
+    srv.add_argument(
+        "--routing-temperature",
+        type=float,
+        default=0.0,
+        help="prefix_aware: softmax temperature over costs in tokens, to spread near-ties (0: argmin)",
+    )
+    srv.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=64,
+        help="prefill on the decode worker when it caches all but at most this many prompt tokens",
+    )
     srv.add_argument("--address", default=None, help="join a Ray cluster ('auto' or its address; also RAY_ADDRESS)")
     srv.add_argument("--host", default="0.0.0.0")
     srv.add_argument("--port", type=int, default=8000)

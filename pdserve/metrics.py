@@ -104,6 +104,38 @@ class Metrics:
             registry=r,
         )
 
+        # ---- global scheduler (observed by the cluster backend from each Route) --------------------
+        self.routing_decisions = Counter(
+            "pdserve_routing_decisions_total",
+            "Routing decisions by policy and the policy's reason (prefix_hit, load, imbalanced, ...)",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.disagg_decisions = Counter(
+            "pdserve_disaggregation_decisions_total",
+            "Where prompts were prefilled: disaggregated, or locally on the decode worker and why",
+            ["decision"],
+            registry=r,
+        )
+        self.scheduler_decision_seconds = Histogram(
+            "pdserve_scheduler_decision_seconds",
+            "Time the global scheduler spent on one routing decision",
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+            registry=r,
+        )
+        self.prefix_prompt_tokens = Counter(
+            "pdserve_prefix_cache_prompt_tokens_total",
+            "Prompt tokens by the worker that prefilled them (denominator of its prefix hit rate)",
+            ["worker"],
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "pdserve_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from that worker's prefix cache (numerator of its prefix hit rate)",
+            ["worker"],
+            registry=r,
+        )
+
         # ---- per-worker gauges, refreshed from backend.stats() ------------------------------------
         self.worker_running = Gauge(
             "pdserve_worker_running_requests", "Requests running on a worker", WORKER_LABELS, registry=r

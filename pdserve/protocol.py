@@ -209,9 +209,22 @@ class RouteRequest(msgspec.Struct, kw_only=True):
     request_id: str
     num_prompt_tokens: int
     max_tokens: int
+    block_hashes: list[int] = msgspec.field(default_factory=list)  # the prompt's full blocks (hashing.py)
 
 
 class Route(msgspec.Struct, kw_only=True):
     decode_worker: str
     prefill_worker: str | None  # None: prefill on the decode (or mixed) worker itself
-    reason: str = ""
+    reason: str = ""  # why this prefill placement: disaggregated, decode_has_prefix, prefill_saturated, ...
+    policy_reason: str = ""  # the policy's own reason for its pick (prefix_hit, load, ...)
+    predicted_cached_tokens: int = 0  # prompt tokens the index expects the prefilling worker to have cached
+    decision_s: float = 0.0  # time the scheduler spent deciding
+
+
+class KVEventBatch(msgspec.Struct, kw_only=True):
+    """One worker's KV events since its last batch; `seq` increments per batch, `epoch` per worker start."""
+
+    worker_id: str
+    epoch: str
+    seq: int
+    events: list[KVEvent]

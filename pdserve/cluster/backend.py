@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import ray
 
 from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import EngineRequest, Route, RouteRequest, SamplingParams, TokenDelta
 from pdserve.scheduler.router import NoCapacity
@@ -28,10 +29,58 @@ class WorkerFailed(Exception):
     """A worker serving the request died or failed mid-request."""
 
 
+class RouteBatcher:
+    """Routing calls to the scheduler actor, batched: requests that arrive while a call is in flight go
+    together in the next one, so a burst costs a few actor calls, and a lone request no added delay."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self._queue: list[tuple[RouteRequest, asyncio.Future]] = []
+        self._busy = False
+
+    async def route(self, req: RouteRequest):
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((req, fut))
+        if not self._busy:
+            self._busy = True
+            asyncio.ensure_future(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self.scheduler.route_batch.remote([r for r, _ in batch])
+                except Exception as e:  # handed to each waiting request
+                    results = [e] * len(batch)
+                for (_, fut), result in zip(batch, results):
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException) and not isinstance(result, NoCapacity):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+        finally:
+            self._busy = False
+
+
 class ClusterBackend:
-    def __init__(self, info: ModelInfo, scheduler, workers: dict[str, tuple[str, object]], metrics=None) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        scheduler,
+        workers: dict[str, tuple[str, object]],
+        metrics=None,
+        block_size: int = 16,
+        policy: str = "",
+    ) -> None:
         self.info = info
         self.scheduler = scheduler
+        self.router = RouteBatcher(scheduler)
+        self.block_size = block_size
+        self.policy = policy
+        self._root = root_hash(info.model_id)
         self.workers = workers  # worker id -> (role, actor handle)
         self.metrics = metrics
         self._queues: dict[str, asyncio.Queue] = {}
@@ -78,14 +127,22 @@ class ClusterBackend:
         return self.workers[worker_id][1]
 
     async def _route(self, req: EngineRequest) -> Route:
+        hashes = block_hashes(req.prompt_token_ids, self.block_size, self._root)
         rr = RouteRequest(
-            request_id=req.request_id, num_prompt_tokens=len(req.prompt_token_ids), max_tokens=req.params.max_tokens
+            request_id=req.request_id,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            max_tokens=req.params.max_tokens,
+            block_hashes=hashes,
         )
-        route = await self.scheduler.route.remote(rr)
+        route = await self.router.route(rr)
         if isinstance(route, NoCapacity):
             if route.unavailable:
                 raise BackendUnavailable(str(route))
             raise Overloaded(str(route), retry_after=route.retry_after)
+        if self.metrics is not None:
+            self.metrics.routing_decisions.labels(self.policy, route.policy_reason).inc()
+            self.metrics.disagg_decisions.labels(route.reason).inc()
+            self.metrics.scheduler_decision_seconds.observe(route.decision_s)
         return route
 
     async def generate(
@@ -102,12 +159,15 @@ class ClusterBackend:
         finished = False
         try:
             decode = self._handle(route.decode_worker)
+            first = True
             if route.prefill_worker is None:
                 await decode.generate.remote(req)
             else:
                 prefill = self._handle(route.prefill_worker)
                 result = await prefill.prefill.remote(req, route.decode_worker, decode)
                 self._observe_prefill(result)
+                self._observe_prefix(route.prefill_worker, result.delta)
+                first = False
                 finished = result.delta.finished
                 yield result.delta
                 if finished:
@@ -118,6 +178,9 @@ class ClusterBackend:
                 item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if first:
+                    self._observe_prefix(route.decode_worker, item)
+                    first = False
                 finished = item.finished
                 yield item
                 if finished:
@@ -136,6 +199,11 @@ class ClusterBackend:
         if self.metrics is not None:
             self.metrics.ttft_queue.observe(result.queue_s)
             self.metrics.ttft_prefill.observe(result.prefill_s)
+
+    def _observe_prefix(self, worker_id: str, delta: TokenDelta) -> None:
+        if self.metrics is not None:
+            self.metrics.prefix_prompt_tokens.labels(worker_id).inc(delta.num_prompt_tokens)
+            self.metrics.prefix_hit_tokens.labels(worker_id).inc(delta.num_cached_tokens)
 
     def _observe_transfer(self, started) -> None:
         if self.metrics is not None:

@@ -31,7 +31,9 @@ class ServeConfig:
     decode_workers: int = 1
     colocated_workers: int = 0
     transport: str = "nixl"
-    routing: str = "least_loaded"
+    routing: str = "prefix_aware"
+    routing_temperature: float = 0.0  # prefix_aware: softmax temperature over costs (0: argmin)
+    local_prefill_max_tokens: int = 64  # prefill on the decode worker when it lacks at most this many tokens
     address: str | None = None  # None: start a local Ray; "auto" or ray://...: join a cluster
     lease_s: float = 10.0
     max_waiting_per_worker: int = 64
@@ -82,6 +84,20 @@ class Deployment:
             ray.shutdown()
 
 
+def router_config(config: ServeConfig):
+    from pdserve.scheduler.policies import DisaggConfig
+    from pdserve.scheduler.router import RouterConfig
+
+    options = {"temperature": config.routing_temperature} if config.routing == "prefix_aware" else {}
+    return RouterConfig(
+        policy=config.routing,
+        policy_options=options,
+        block_size=config.engine.block_size,
+        max_waiting_per_worker=config.max_waiting_per_worker,
+        disagg=DisaggConfig(local_prefill_max_tokens=config.local_prefill_max_tokens),
+    )
+
+
 def _init_ray(config: ServeConfig) -> bool:
     if ray.is_initialized():
         return False
@@ -128,9 +144,7 @@ async def build(config: ServeConfig, metrics=None) -> Deployment:
     try:
         infos = await asyncio.gather(*(h.start.remote() for h in handles.values()))
         await asyncio.gather(*(h.add_peers.remote(list(infos)) for h in handles.values()))
-        scheduler = GlobalScheduler.options(name=f"pdserve-scheduler-{tag}").remote(
-            config.routing, config.max_waiting_per_worker
-        )
+        scheduler = GlobalScheduler.options(name=f"pdserve-scheduler-{tag}").remote(router_config(config))
         await scheduler.register.remote(list(role_of.items()))
         await asyncio.gather(*(h.set_scheduler.remote(scheduler) for h in handles.values()))
     except BaseException:
@@ -139,7 +153,14 @@ async def build(config: ServeConfig, metrics=None) -> Deployment:
         if started:
             ray.shutdown()
         raise
-    backend = ClusterBackend(info, scheduler, {w: (role_of[w], h) for w, h in handles.items()}, metrics)
+    backend = ClusterBackend(
+        info,
+        scheduler,
+        {w: (role_of[w], h) for w, h in handles.items()},
+        metrics,
+        block_size=config.engine.block_size,
+        policy=config.routing,
+    )
     backend.start()
     log.info("pdserve deployment up: %s", ", ".join(f"{n} {r}" for r, n in counts.items()))
     return Deployment(config, backend, scheduler, handles, started)

@@ -21,7 +21,9 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, record_events: bool = False
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -29,6 +31,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.events: list[KVEvent] = []
+        self.record_events = record_events  # off unless a consumer takes them (else they pile up)
 
     @property
     def num_free_blocks(self) -> int:
@@ -76,7 +79,7 @@ class BlockManager:
                 block.block_hash = None
             block.ref_cnt = 1
             ids.append(block_id)
-        if removed:
+        if removed and self.record_events:
             self.events.append(BlockRemoved(block_hashes=removed))
         return ids
 
@@ -106,7 +109,7 @@ class BlockManager:
             if hashes[i] not in self._cached:
                 self._cached[hashes[i]] = block.block_id
                 stored.append(hashes[i])
-        if stored:
+        if stored and self.record_events:
             first_parent = hashes[start - 1] if start > 0 else parent
             self.events.append(BlockStored(block_hashes=stored, parent_hash=first_parent))
 
@@ -117,8 +120,13 @@ class BlockManager:
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()
-        self.events.append(AllBlocksCleared())
+        if self.record_events:
+            self.events.append(AllBlocksCleared())
         return True
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash the prefix cache holds now (a snapshot for resyncing the global index)."""
+        return list(self._cached)
 
     def take_events(self) -> list[KVEvent]:
         events, self.events = self.events, []

@@ -248,7 +248,14 @@ class LLMEngine:
         return req
 
     def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache events since the last call; recording starts with the first call."""
+        self.blocks.record_events = True
         return self.blocks.take_events()
+
+    def kv_snapshot(self) -> list[int]:
+        """All cached block hashes, and a fresh start for the event stream (taken together, atomically)."""
+        self.take_kv_events()
+        return self.blocks.cached_hashes()
 
     def stats(self) -> dict:
         """Load numbers for the worker's report (plain values; the worker wraps them in WorkerStats)."""

@@ -1,12 +1,14 @@
-"""Routing policies: pure functions of worker snapshots, selectable by name.
+"""Routing policies and the disaggregation decider: pure functions of typed snapshots, chosen by name.
 
-Contract: the GlobalScheduler calls `pick(candidates, request)` with a non-empty list of live candidates
-of one pool (prefill, or decode) and records the decision at once; a policy keeps no I/O and may keep
-small state of its own (round-robin's cursor).
+Contract: the Router calls `pick(candidates, request, pool)` with the live, admissible workers of one pool
+("prefill" or "decode"), each with the prompt tokens it already caches, and records the decision at
+once. A policy does no I/O; it may keep small state of its own (round-robin's cursor, a seeded RNG).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,10 +25,12 @@ class WorkerView:
     num_waiting: int = 0
     num_prefill_tokens_queued: int = 0
     num_free_blocks: int = 0
-    num_blocks: int = 1
+    num_blocks: int = 0  # 0: not reported yet (capacity unknown)
     kv_usage: float = 0.0
+    num_cached_blocks: int = 0  # blocks this worker has in the global prefix index
     pending_requests: int = 0  # routed here since the last report
-    pending_tokens: int = 0
+    pending_tokens: int = 0  # uncached prompt tokens routed here since the last report
+    pending_blocks: int = 0  # KV blocks those requests will take
 
     @property
     def load(self) -> int:
@@ -36,12 +40,45 @@ class WorkerView:
     def queued_tokens(self) -> int:
         return self.num_prefill_tokens_queued + self.pending_tokens
 
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks + self.pending_blocks
+
+
+@dataclass(frozen=True)
+class Candidate:
+    worker: WorkerView
+    cached_tokens: int  # leading prompt tokens this worker already has in its prefix cache
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    reason: str
+
 
 class RoutingPolicy(Protocol):
     name: str
 
-    def pick(self, candidates: list[WorkerView], request: RouteRequest, pool: str) -> str:
-        """Choose one candidate's worker_id. `pool` is "prefill" or "decode"."""
+    def pick(self, candidates: list[Candidate], request: RouteRequest, pool: str) -> Decision:
+        """Choose one of the candidates (never empty) for `request` in `pool` ("prefill" or "decode")."""
+
+
+def _argmin(candidates: list[Candidate], key) -> Candidate:
+    return min(candidates, key=lambda c: (key(c), c.worker.worker_id))
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self, **_) -> None:
+        self._next: dict[str, int] = {}
+
+    def pick(self, candidates, request, pool) -> Decision:
+        ordered = sorted(candidates, key=lambda c: c.worker.worker_id)
+        i = self._next.get(pool, 0)
+        self._next[pool] = i + 1
+        return Decision(ordered[i % len(ordered)].worker.worker_id, "round_robin")
 
 
 class LeastLoaded:
@@ -49,29 +86,130 @@ class LeastLoaded:
 
     name = "least_loaded"
 
-    def pick(self, candidates: list[WorkerView], request: RouteRequest, pool: str) -> str:
+    def __init__(self, **_) -> None:
+        pass
+
+    def pick(self, candidates, request, pool) -> Decision:
         if pool == "prefill":
-            return min(candidates, key=lambda w: (w.queued_tokens, w.load, w.worker_id)).worker_id
-        return min(candidates, key=lambda w: (w.load, w.kv_usage, w.worker_id)).worker_id
+            best = _argmin(candidates, lambda c: (c.worker.queued_tokens, c.worker.load))
+        else:
+            best = _argmin(candidates, lambda c: (c.worker.load, c.worker.kv_usage))
+        return Decision(best.worker.worker_id, "least_loaded")
 
 
-class RoundRobin:
-    name = "round_robin"
+class PrefixAware:
+    """Cost in prompt-token units. Prefill: tokens this worker must compute for the request (uncached
+    suffix) plus prompt tokens already queued there, plus `request_overhead_tokens` per queued request.
+    Decode: running sequences (each worth `decode_seq_tokens`) and KV usage (a full cache is worth
+    `kv_full_tokens`), minus the prompt it caches (a local prefill, if the decider picks one, is cheaper).
+    A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties."""
 
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
+    name = "prefix_aware"
 
-    def pick(self, candidates: list[WorkerView], request: RouteRequest, pool: str) -> str:
-        ordered = sorted(candidates, key=lambda w: w.worker_id)
-        i = self._next.get(pool, 0)
-        self._next[pool] = i + 1
-        return ordered[i % len(ordered)].worker_id
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        request_overhead_tokens: int = 32,
+        decode_seq_tokens: int = 64,
+        kv_full_tokens: int = 4096,
+        seed: int = 0,
+        **_,
+    ) -> None:
+        self.temperature = temperature
+        self.request_overhead_tokens = request_overhead_tokens
+        self.decode_seq_tokens = decode_seq_tokens
+        self.kv_full_tokens = kv_full_tokens
+        self._rng = random.Random(seed)
+
+    def cost(self, c: Candidate, request: RouteRequest, pool: str) -> float:
+        w = c.worker
+        if pool == "prefill":
+            uncached = request.num_prompt_tokens - c.cached_tokens
+            return uncached + w.queued_tokens + self.request_overhead_tokens * (w.num_waiting + w.pending_requests)
+        return (
+            self.decode_seq_tokens * w.load
+            + self.kv_full_tokens * w.used_blocks / max(1, w.num_blocks)
+            - c.cached_tokens
+        )
+
+    def pick(self, candidates, request, pool) -> Decision:
+        costs = [self.cost(c, request, pool) for c in candidates]
+        if self.temperature > 0 and len(candidates) > 1:
+            low = min(costs)
+            weights = [math.exp(-(x - low) / self.temperature) for x in costs]
+            chosen = self._rng.choices(candidates, weights=weights)[0]
+        else:
+            chosen = min(zip(costs, candidates), key=lambda p: (p[0], p[1].worker.worker_id))[1]
+        return Decision(chosen.worker.worker_id, "prefix_hit" if chosen.cached_tokens else "load")
 
 
-POLICIES = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+class SGLangCacheAware:
+    """SGLang router's cache-aware policy: balance when the load spread is large, else follow the longest
+    prefix match when its ratio exceeds 0.3, else the worker with the smallest cache."""
+
+    name = "sglang_cache_aware"
+
+    def __init__(
+        self, balance_abs_threshold: int = 64, balance_rel_threshold: float = 1.5, cache_threshold: float = 0.3, **_
+    ) -> None:
+        self.abs, self.rel, self.threshold = balance_abs_threshold, balance_rel_threshold, cache_threshold
+
+    def pick(self, candidates, request, pool) -> Decision:
+        loads = [c.worker.load for c in candidates]
+        if max(loads) - min(loads) > self.abs and max(loads) > self.rel * min(loads):
+            return Decision(_argmin(candidates, lambda c: c.worker.load).worker.worker_id, "imbalanced")
+        best = max(candidates, key=lambda c: (c.cached_tokens, -c.worker.load))
+        if best.cached_tokens / max(1, request.num_prompt_tokens) > self.threshold:
+            return Decision(best.worker.worker_id, "prefix_match")
+        return Decision(_argmin(candidates, lambda c: c.worker.num_cached_blocks).worker.worker_id, "smallest_cache")
 
 
-def make_policy(name: str) -> RoutingPolicy:
+class DynamoKVCost:
+    """Dynamo's KV router cost: 1.0 x (prefill blocks queued on the worker + uncached prompt blocks of this
+    request) + decode blocks active on it; the lowest wins."""
+
+    name = "dynamo_kv_cost"
+
+    def __init__(self, block_size: int = 16, overlap_weight: float = 1.0, **_) -> None:
+        self.block_size, self.weight = block_size, overlap_weight
+
+    def pick(self, candidates, request, pool) -> Decision:
+        bs = self.block_size
+
+        def cost(c: Candidate) -> float:
+            uncached_blocks = math.ceil((request.num_prompt_tokens - c.cached_tokens) / bs)
+            prefill_blocks = math.ceil(c.worker.queued_tokens / bs) + uncached_blocks
+            return self.weight * prefill_blocks + c.worker.used_blocks
+
+        return Decision(_argmin(candidates, cost).worker.worker_id, "kv_cost")
+
+
+POLICIES = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware, SGLangCacheAware, DynamoKVCost)}
+
+
+def make_policy(name: str, **options) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](**options)
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    local_prefill_max_tokens: int = 64  # decode worker lacks at most this many prompt tokens: prefill there
+    prefill_saturated_tokens: int = 8192  # every prefill worker has this many tokens queued: saturated
+    decode_room_fraction: float = 0.25  # ...and the decode worker keeps this share of its KV blocks free
+
+
+def decide_local_prefill(
+    decode: Candidate, best_prefill: WorkerView | None, request: RouteRequest, cfg: DisaggConfig
+) -> tuple[bool, str]:
+    """Whether the chosen decode worker should prefill the request itself, and why."""
+    if best_prefill is None:
+        return True, "no_prefill_worker"
+    if request.num_prompt_tokens - decode.cached_tokens <= cfg.local_prefill_max_tokens:
+        return True, "decode_has_prefix"
+    w = decode.worker
+    room = (w.num_blocks - w.used_blocks) / max(1, w.num_blocks)
+    if best_prefill.queued_tokens >= cfg.prefill_saturated_tokens and room >= cfg.decode_room_fraction:
+        return True, "prefill_saturated"
+    return False, "disaggregated"

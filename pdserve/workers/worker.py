@@ -18,6 +18,7 @@ from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
 from pdserve.protocol import (
     DecodeStarted,
     EngineRequest,
+    KVEventBatch,
     KVHandoff,
     KVLayout,
     PeerInfo,
@@ -320,11 +321,25 @@ class Worker:
                         self._release_now(rid)
 
     async def _report_loop(self) -> None:
+        """Load and KV events to the scheduler; a full snapshot of the prefix cache when it asks to resync."""
+        import uuid
+
+        epoch, seq = uuid.uuid4().hex, 0
         while True:
             try:
-                self._scheduler.report.remote(await self.stats())
-            except Exception:  # the scheduler restarting must not kill the worker
+                raw, events = await self.loop.call(lambda e: (e.stats(), e.take_kv_events()))
+                seq += 1
+                stats = WorkerStats(worker_id=self.worker_id, role=self.role, time=time.time(), alive=True, **raw)
+                batch = KVEventBatch(worker_id=self.worker_id, epoch=epoch, seq=seq, events=events)
+                if not await self._scheduler.report.remote(stats, batch):
+                    seq += 1
+                    hashes = await self.loop.call(lambda e: e.kv_snapshot())
+                    await self._scheduler.resync.remote(self.worker_id, epoch, seq, hashes)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the scheduler restarting must not kill the worker; the next report resyncs
                 log.exception("load report failed")
+                seq += 1  # a gap: the scheduler will ask for a resync
             await asyncio.sleep(self.options.report_interval_s)
 
 

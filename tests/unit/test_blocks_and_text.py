@@ -32,7 +32,7 @@ def test_block_hashes_are_chained_salted_and_identical_across_processes():
 
 
 def test_block_pool_refcounts_lru_eviction_and_events():
-    bm = BlockManager(num_blocks=4, block_size=2)
+    bm = BlockManager(num_blocks=4, block_size=2, record_events=True)
     a = bm.allocate(2)
     bm.cache_blocks(a, [11, 12], 0, 2, parent=None)
     assert bm.take_events() == [BlockStored(block_hashes=[11, 12], parent_hash=None)]

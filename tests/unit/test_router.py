@@ -1,49 +1,111 @@
-"""Routing policies and the Router (no Ray): table tests of picks, pending decisions and admission."""
+"""Routing policies, the disaggregation decider and the Router (no Ray): table tests and behaviour."""
 
 import time
 
 import pytest
 
-from pdserve.protocol import RouteRequest, WorkerStats
-from pdserve.scheduler.policies import LeastLoaded, RoundRobin, WorkerView, make_policy
-from pdserve.scheduler.router import NoCapacity, Router
-
-REQ = RouteRequest(request_id="r", num_prompt_tokens=100, max_tokens=10)
-
-
-def view(wid, role="decode", **kw):
-    return WorkerView(wid, role, **kw)
-
-
-@pytest.mark.parametrize(
-    "pool,candidates,expected",
-    [
-        ("decode", [view("a", num_running=3), view("b", num_running=1)], "b"),
-        ("decode", [view("a", num_running=1, pending_requests=2), view("b", num_running=2)], "b"),
-        ("decode", [view("a", num_running=1, kv_usage=0.9), view("b", num_running=1, kv_usage=0.1)], "b"),
-        ("decode", [view("a"), view("b")], "a"),  # ties break by id: deterministic
-        ("prefill", [view("a", "prefill", num_prefill_tokens_queued=500), view("b", "prefill", num_running=5)], "b"),
-        (
-            "prefill",
-            [view("a", "prefill", pending_tokens=900), view("b", "prefill", num_prefill_tokens_queued=100)],
-            "b",
-        ),
-    ],
+from pdserve.hashing import block_hashes, root_hash
+from pdserve.protocol import BlockStored, KVEventBatch, RouteRequest, WorkerStats
+from pdserve.scheduler.policies import (
+    POLICIES,
+    Candidate,
+    DisaggConfig,
+    DynamoKVCost,
+    LeastLoaded,
+    PrefixAware,
+    RoundRobin,
+    SGLangCacheAware,
+    WorkerView,
+    decide_local_prefill,
+    make_policy,
 )
-def test_least_loaded(pool, candidates, expected):
-    assert LeastLoaded().pick(candidates, REQ, pool) == expected
+from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+
+REQ = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
+
+
+def cand(wid, cached=0, role="decode", **kw):
+    kw.setdefault("num_blocks", 1000)
+    kw.setdefault("num_free_blocks", 1000)
+    return Candidate(WorkerView(wid, role, **kw), cached)
+
+
+# ---- policies as tables ---------------------------------------------------------------------------
+CASES = [
+    # (policy, pool, candidates, expected)
+    (LeastLoaded(), "decode", [cand("a", num_running=3), cand("b", num_running=1)], "b"),
+    (LeastLoaded(), "decode", [cand("a", num_running=1, pending_requests=2), cand("b", num_running=2)], "b"),
+    (LeastLoaded(), "decode", [cand("a", num_running=1, kv_usage=0.9), cand("b", num_running=1, kv_usage=0.1)], "b"),
+    (LeastLoaded(), "decode", [cand("a"), cand("b")], "a"),  # ties break by id
+    (LeastLoaded(), "prefill", [cand("a", num_prefill_tokens_queued=500), cand("b", num_running=5)], "b"),
+    (LeastLoaded(), "prefill", [cand("a", 900), cand("b", pending_tokens=100)], "a"),  # blind to prefixes
+    (PrefixAware(), "prefill", [cand("a"), cand("b", cached=800)], "b"),  # 200 uncached < 1000
+    (PrefixAware(), "prefill", [cand("a", num_prefill_tokens_queued=100), cand("b", 800, pending_tokens=900)], "a"),
+    (PrefixAware(), "prefill", [cand("a", 800, num_waiting=30), cand("b", 0)], "b"),  # queue overhead 30*32
+    (PrefixAware(), "decode", [cand("a", num_running=8), cand("b", num_running=2)], "b"),
+    (PrefixAware(), "decode", [cand("a", num_running=2, num_free_blocks=100), cand("b", num_running=2)], "b"),
+    (PrefixAware(), "decode", [cand("a", num_running=2), cand("b", 960, num_running=3)], "b"),  # prefix outweighs
+    (SGLangCacheAware(), "prefill", [cand("a", 400), cand("b", 100)], "a"),  # ratio 0.4 > 0.3
+    (SGLangCacheAware(), "prefill", [cand("a", 200, num_cached_blocks=50), cand("b", 0, num_cached_blocks=9)], "b"),
+    (SGLangCacheAware(), "prefill", [cand("a", 900, num_running=200), cand("b", 0, num_running=10)], "b"),
+    (SGLangCacheAware(), "prefill", [cand("a", 900, num_running=70), cand("b", 0, num_running=50)], "a"),  # < 1.5x
+    (DynamoKVCost(block_size=16), "prefill", [cand("a", 800), cand("b")], "a"),
+    (DynamoKVCost(block_size=16), "prefill", [cand("a", 800, num_free_blocks=900), cand("b")], "b"),  # 100 active
+    (DynamoKVCost(block_size=16), "decode", [cand("a", num_prefill_tokens_queued=320), cand("b", 0)], "b"),
+]
+
+
+@pytest.mark.parametrize("policy,pool,candidates,expected", CASES)
+def test_policy_table(policy, pool, candidates, expected):
+    assert policy.pick(candidates, REQ, pool).worker_id == expected
 
 
 def test_round_robin_cycles_per_pool():
     rr = RoundRobin()
-    cands = [view("b"), view("a"), view("c")]
-    assert [rr.pick(cands, REQ, "decode") for _ in range(4)] == ["a", "b", "c", "a"]
-    assert rr.pick(cands, REQ, "prefill") == "a"
+    cands = [cand("b"), cand("a"), cand("c")]
+    assert [rr.pick(cands, REQ, "decode").worker_id for _ in range(4)] == ["a", "b", "c", "a"]
+    assert rr.pick(cands, REQ, "prefill").worker_id == "a"
 
 
-def test_unknown_policy_is_a_clear_error():
+def test_softmax_temperature_spreads_near_ties_only():
+    p = PrefixAware(temperature=50.0, seed=1)
+    near = [cand("a", 0), cand("b", 0, num_prefill_tokens_queued=10)]
+    picks = {p.pick(near, REQ, "prefill").worker_id for _ in range(50)}
+    assert picks == {"a", "b"}
+    far = [cand("a", 0), cand("b", 0, num_prefill_tokens_queued=2000)]
+    assert {p.pick(far, REQ, "prefill").worker_id for _ in range(50)} == {"a"}
+
+
+def test_every_policy_is_selectable_and_unknown_is_an_error():
+    assert set(POLICIES) == {"round_robin", "least_loaded", "prefix_aware", "sglang_cache_aware", "dynamo_kv_cost"}
+    for name in POLICIES:
+        assert make_policy(name).name == name
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("nope")
+
+
+@pytest.mark.parametrize(
+    "decode_cached,prefill_queued,free,expected",
+    [
+        (990, 0, 1000, (True, "decode_has_prefix")),
+        (0, 0, 1000, (False, "disaggregated")),
+        (0, 10_000, 1000, (True, "prefill_saturated")),
+        (0, 10_000, 100, (False, "disaggregated")),  # saturated, but the decode worker has no room
+    ],
+)
+def test_disaggregation_decider(decode_cached, prefill_queued, free, expected):
+    decode = cand("d", decode_cached, num_free_blocks=free)
+    prefill = WorkerView("p", "prefill", num_prefill_tokens_queued=prefill_queued)
+    assert decide_local_prefill(decode, prefill, REQ, DisaggConfig()) == expected
+    assert decide_local_prefill(decode, None, REQ, DisaggConfig()) == (True, "no_prefill_worker")
+
+
+# ---- the Router ----------------------------------------------------------------------------------
+ROOT = root_hash("m")
+
+
+def hashes(tokens):
+    return block_hashes(tokens, 16, ROOT)
 
 
 def stats(wid, role, t=None, **kw):
@@ -51,8 +113,8 @@ def stats(wid, role, t=None, **kw):
         num_running=0,
         num_waiting=0,
         num_held=0,
-        num_free_blocks=10,
-        num_blocks=10,
+        num_free_blocks=10**4,
+        num_blocks=10**4,
         kv_usage=0.0,
         num_prefill_tokens_queued=0,
     )
@@ -60,48 +122,120 @@ def stats(wid, role, t=None, **kw):
     return WorkerStats(worker_id=wid, role=role, time=time.time() if t is None else t, **base)
 
 
-def make_router(**kw):
-    r = Router(**kw)
-    for wid, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
-        r.register(wid, role)
+def make_router(policy="prefix_aware", prefill=4, decode=2, **kw):
+    r = Router(RouterConfig(policy=policy, **kw))
+    for i in range(prefill):
+        r.register(f"p{i}", "prefill")
+    for i in range(decode):
+        r.register(f"d{i}", "decode")
+    for wid, v in r.views.items():
+        r.report(stats(wid, v.role))
+        assert not r.report(stats(wid, v.role), KVEventBatch(worker_id=wid, epoch="e", seq=1, events=[]))
+        r.resync(wid, "e", 1, [])  # the first batch of a stream always asks for a snapshot
     return r
 
 
-def test_burst_is_spread_by_recorded_decisions():
+def store(r, wid, seq, tokens):
+    batch = KVEventBatch(
+        worker_id=wid, epoch="e", seq=seq, events=[BlockStored(block_hashes=hashes(tokens), parent_hash=None)]
+    )
+    return r.report(stats(wid, r.views[wid].role), batch)
+
+
+def req(tokens, rid="x"):
+    return RouteRequest(request_id=rid, num_prompt_tokens=len(tokens), max_tokens=16, block_hashes=hashes(tokens))
+
+
+PREFIX = list(range(1000, 1800))  # 800 tokens = 50 blocks
+
+
+def test_a_request_goes_where_its_prefix_is_cached():
     r = make_router()
-    routes = [r.route(REQ) for _ in range(4)]
-    assert sorted(x.decode_worker for x in routes) == ["d0", "d0", "d1", "d1"]
-    assert sorted(x.prefill_worker for x in routes) == ["p0", "p0", "p1", "p1"]
-    assert all(x.reason == "disaggregated" for x in routes)
+    assert store(r, "p2", 2, PREFIX)
+    route = r.route(req(PREFIX + [1, 2, 3]))
+    assert route.prefill_worker == "p2" and route.predicted_cached_tokens == 800
+    assert route.reason == "disaggregated" and route.policy_reason == "prefix_hit"
+    rr = make_router(policy="round_robin", disagg=DisaggConfig(local_prefill_max_tokens=-1))
+    store(rr, "p2", 2, PREFIX)
+    assert [rr.route(req(PREFIX + [i])).prefill_worker for i in range(4)] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_burst_sharing_a_prefix_does_not_herd_onto_one_worker():
+    r = make_router()
+    store(r, "p0", 2, PREFIX)
+    picks = [r.route(req(PREFIX + list(range(i, i + 100)), f"b{i}")).prefill_worker for i in range(50)]
+    counts = {w: picks.count(w) for w in set(picks)}
+    assert picks[0] == "p0"
+    assert len(counts) == 4 and max(counts.values()) <= 25  # spread once p0 is loaded
+    # and the others got the prefix once: later requests reuse it there (predicted cache entries)
+    assert sum(1 for w in counts if w != "p0") == 3
+
+
+def test_decode_worker_with_the_prefix_prefills_locally():
+    r = make_router()
+    store(r, "d1", 2, PREFIX)
+    route = r.route(req(PREFIX + [7]))
+    assert route.decode_worker == "d1" and route.prefill_worker is None and route.reason == "decode_has_prefix"
+
+
+def test_index_consistency_under_eviction_death_and_gaps():
+    r = make_router(max_index_blocks=60)
+    store(r, "p1", 2, PREFIX)  # 50 blocks
+    other = list(range(5000, 5320))  # 20 blocks: evicts the 10 least recently used entries
+    store(r, "p3", 2, other)
+    assert len(r.index) == 60
+    assert r.index.match(hashes(PREFIX), ["p1"])["p1"] == 0  # its head was evicted: no prefix match
+    assert r.index.match(hashes(other), ["p3"])["p3"] == 20
+    # a gap in the event stream: nothing applied, resync asked for, snapshot replaces the entries
+    gap = KVEventBatch(
+        worker_id="p3", epoch="e", seq=9, events=[BlockStored(block_hashes=hashes(PREFIX), parent_hash=None)]
+    )
+    assert not r.report(stats("p3", "prefill"), gap)
+    assert r.index.match(hashes(PREFIX), ["p3"])["p3"] == 0
+    r.resync("p3", "e", 9, hashes(PREFIX))
+    assert r.index.match(hashes(PREFIX), ["p3"])["p3"] == 50 and r.index.match(hashes(other), ["p3"])["p3"] == 0
+    # a restart (new epoch) asks for a resync too
+    assert not r.report(stats("p3", "prefill"), KVEventBatch(worker_id="p3", epoch="new", seq=1, events=[]))
+    # a dead worker's entries disappear, and it is never picked
+    r.report(stats("p3", "prefill", alive=False))
+    assert "p3" not in r.views and r.index.num_blocks("p3") == 0
+    assert all(r.route(req(PREFIX + [i])).prefill_worker != "p3" for i in range(8))
 
 
 def test_a_report_supersedes_earlier_decisions_only():
-    r = make_router()
-    r.route(REQ)  # pending on d0 and p0
+    r = make_router(prefill=1, decode=2, policy="least_loaded")
+    r.route(req([1] * 40))
     before = time.time()
-    r.route(REQ)  # pending on d1 and p1
+    r.route(req([2] * 40))
     r.report(stats("d0", "decode", t=before, num_running=1))
     assert r.views["d0"].pending_requests == 0 and r.views["d0"].load == 1
     r.report(stats("d1", "decode", t=before - 10))
-    assert r.views["d1"].pending_requests == 1  # decision made after that report was taken still counts
+    assert r.views["d1"].pending_requests == 1  # decided after that report was taken: still counts
 
 
-def test_admission_is_bounded_and_dead_workers_leave_the_pool():
-    r = make_router(max_waiting_per_worker=2)
-    for _ in range(4):
-        r.route(REQ)
+def test_admission_is_bounded_by_queues_and_free_blocks():
+    r = make_router(prefill=1, decode=2, max_waiting_per_worker=2)
+    for i in range(4):
+        r.route(req([i] * 40))
     with pytest.raises(NoCapacity) as e:
-        r.route(REQ)
+        r.route(req([9] * 40))
     assert not e.value.unavailable
-    r.report(stats("d0", "decode", alive=False))
+    r = make_router(prefill=1, decode=2)
+    r.report(stats("d0", "decode", num_free_blocks=2))
+    r.report(stats("d1", "decode", num_free_blocks=2))
+    with pytest.raises(NoCapacity, match="full"):
+        r.route(req([1] * 100))  # 7 blocks needed, 2 free on each decode worker
+    assert r.route(req([1] * 20)).decode_worker in ("d0", "d1")
+    r.remove("d0")
     r.remove("d1")
     with pytest.raises(NoCapacity) as e:
-        r.route(REQ)
+        r.route(req([1] * 20))
     assert e.value.unavailable
 
 
 def test_colocated_workers_prefill_locally():
-    r = Router()
+    r = Router(RouterConfig(policy="prefix_aware"))
     r.register("m0", "mixed")
-    route = r.route(REQ)
-    assert route.prefill_worker is None and route.decode_worker == "m0" and route.reason == "local_prefill"
+    r.report(stats("m0", "mixed"))
+    route = r.route(req([1] * 40))
+    assert route.prefill_worker is None and route.decode_worker == "m0" and route.reason == "colocated"

@@ -17,13 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pdserve.api.backend import BackendUnavailable, GenerateBackend
 from pdserve.api.chat import create_chat_completion
 from pdserve.api.completions import create_completion
 from pdserve.api.errors import APIError, error_response, install_handlers, internal_error
 from pdserve.api.responses import ModelCard, ModelList
 from pdserve.api.serving import Admission, ServingContext
 from pdserve.api.sse import STATUS_KEY
+from pdserve.backend import BackendUnavailable, GenerateBackend
 from pdserve.metrics import Metrics
 
 logger = logging.getLogger("pdserve.api")
@@ -107,6 +107,7 @@ def create_app(
             metrics.set_worker_stats(await asyncio.wait_for(backend.stats(), STATS_TIMEOUT_S))
         except Exception as e:  # a scrape still returns the API's own metrics
             logger.warning("backend.stats() failed: %r", e)
+            metrics.set_worker_stats({"workers": []})  # no stale worker gauges: unknown is not healthy
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.backend import BackendUnavailable, Overloaded
 
 logger = logging.getLogger("pdserve.api")
 

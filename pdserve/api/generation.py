@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from pdserve.api.backend import GenerateBackend
 from pdserve.api.responses import PromptTokensDetails, Usage
+from pdserve.backend import GenerateBackend
 from pdserve.metrics import Metrics
 from pdserve.protocol import SamplingParams, TokenDelta, TokenLogprob
 

@@ -13,12 +13,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from pdserve.api.backend import GenerateBackend
 from pdserve.api.errors import APIError, bad_request, from_validation_errors
 from pdserve.api.generation import Choice, Generation
 from pdserve.api.logprobs import TokenStrings
 from pdserve.api.protocol import SamplingRequest, param_of, with_seed
 from pdserve.api.sse import EventStream, sse_body, unless_disconnected
+from pdserve.backend import GenerateBackend
 from pdserve.metrics import Metrics
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import SamplingParams

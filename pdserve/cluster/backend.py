@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import ray
 
-from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import EngineRequest, Route, RouteRequest, SamplingParams, TokenDelta

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 
-from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.protocol import SamplingParams, TokenDelta

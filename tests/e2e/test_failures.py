@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pdserve.api.app import create_app
-from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.model_info import load_model_info
 from pdserve.protocol import TokenDelta
 from tests.e2e.harness import serving

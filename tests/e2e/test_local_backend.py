@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from pdserve.api.backend import BackendUnavailable, Overloaded
+from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.config import EngineConfig
 from pdserve.protocol import SamplingParams
 from pdserve.workers.local_backend import LocalBackend

@@ -2,7 +2,9 @@
 
 import asyncio
 import itertools
+import resource
 import sys
+import time
 
 import pytest
 import torch
@@ -256,3 +258,34 @@ def test_pull_times_out_with_backoff_and_releases():
         asyncio.run(t.pull("peer", [0], [0], timeout_s=0.05))
     assert t.released == [7]
     assert 2 < t.polls < 200  # sleeps between polls, does not spin
+
+
+def test_nixl_peer_can_be_removed_and_added_again():
+    pytest.importorskip("nixl")
+    sender, receiver = transport("nixl", 8, seed=5), transport("nixl", 8, seed=6)
+    try:
+        receiver.add_peer(sender.peer_info())
+        receiver.remove_peer(sender.name)
+        receiver.add_peer(sender.peer_info())
+        asyncio.run(receiver.pull(sender.name, [3], [4], timeout_s=5.0))
+        assert torch.equal(receiver.kv_cache[4], sender.kv_cache[3])
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_nixl_agents_do_not_spin_when_idle():
+    """No progress thread by default: two connected agents cost no CPU while nothing moves (a 2-core host)."""
+    pytest.importorskip("nixl")
+    sender, receiver = transport("nixl", 8, seed=7), transport("nixl", 8, seed=8)
+    try:
+        receiver.add_peer(sender.peer_info())
+        asyncio.run(receiver.pull(sender.name, [0], [0], timeout_s=5.0))
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(0.5)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        busy = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        assert busy < 0.1, f"{busy:.2f} s of CPU in 0.5 s idle"
+    finally:
+        receiver.close()
+        sender.close()

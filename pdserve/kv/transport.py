@@ -108,7 +108,9 @@ class KVTransport(ABC):
         """Start a pull and wait for it without blocking the event loop; always releases the handle.
 
         Polls at once, then sleeps with a backoff from 50 us up to 2 ms (never busy-spins: on a small host a
-        spinning poll starves the transport's own progress). Raises KVTransferError on FAILED or timeout.
+        spinning poll starves the transport's own copy threads). The default asyncio loop rounds sleeps under
+        1 ms up to about 1 ms; a pull that completes inside `start_pull` never sleeps.
+        Raises KVTransferError on FAILED or timeout.
         """
         handle = self.start_pull(peer, src_block_ids, dst_block_ids)
         try:

@@ -1,0 +1,548 @@
+"""Serving benchmark: a load generator for the OpenAI HTTP API, and P/D vs colocated compared in one run.
+
+Open loop (Poisson `--rate`, or a `--rates` sweep for goodput) or closed loop (`--concurrency`); lengths
+from a synthetic mixture or a scaled-down trace (Mooncake, Azure code). Per request: TTFT, inter-token
+latency (chunk gaps, spread over the tokens a chunk carries), TPOT, end-to-end latency, status.
+Without `--url` it starts `pdserve serve` itself on a free port and stops it afterwards; `--compare` does
+that twice, A = 1 prefill + 1 decode (NIXL) and B = 2 colocated workers, with the same seeded workload,
+and prints both side by side with B/A ratios. The model is a random-weight Llama (bench/common.py).
+
+    python bench/serve.py --compare                        # interference mix at 3 and 5 req/s
+    python bench/serve.py --trace mooncake --rate 2 --num-requests 150
+    python bench/serve.py --url http://127.0.0.1:8000 --model demo --rates 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import build_random_llama, print_table, write_json
+
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+LAYOUTS = {
+    "pd": ["--prefill-workers", "1", "--decode-workers", "1", "--transport", "nixl"],
+    "colocated": ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "2"],
+}
+INTERFERENCE_MIX = "0.85:128:128,0.15:1024:128"  # short prompts decoding, 8x longer prompts cutting in
+COMPARE_RATES = "3,5"  # req/s: both layouts busy, neither overloaded, on 2 cores with the random bench model
+NOTE_SHARED_CPU = (
+    "Both layouts run 2 worker processes (1 torch thread each) on the same 2 CPU cores, sharing them with "
+    "the API server, Ray and this load generator; P/D cannot add hardware here, it only separates prefill "
+    "steps from decode steps (and pays a KV transfer). Compare the ITL/TPOT tail (decode interference) "
+    "with TTFT; absolute numbers drift with machine load."
+)
+
+
+@dataclass
+class Req:
+    prompt: list[int]
+    max_tokens: int
+    arrival: float = 0.0  # seconds after the start of the run
+
+
+@dataclass
+class Result:
+    input_len: int
+    max_tokens: int
+    status: int = 0
+    error: str = ""
+    ttft: float | None = None
+    e2e: float | None = None
+    output_tokens: int = 0
+    chunks: int = 0
+    send_lag: float = 0.0  # how late the client sent it (client overload shows here)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.error and self.ttft is not None
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.ok or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+# ---- workloads ----------------------------------------------------------------------------------------
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(4, vocab - 4) for _ in range(n)]  # skip the ids where models put special tokens
+
+
+def workload(args, vocab: int, max_len: int, salt: str) -> tuple[list[Req], list[float] | None]:
+    """Requests (and a trace's arrival times). Lengths depend on the seed only; token contents also on
+    `salt`, so each run of a sweep misses the prefix cache that the runs before it filled."""
+    if args.trace == "mooncake":
+        return mooncake(args, vocab, max_len, salt)
+    if args.trace == "azure":
+        return azure(args, vocab, max_len, salt)
+    return synthetic(args, vocab, max_len, salt), None
+
+
+def synthetic(args, vocab: int, max_len: int, salt: str) -> list[Req]:
+    mix = args.mix or f"1:{args.input_len}:{args.output_len}"
+    parts = [tuple(float(x) for x in p.split(":")) for p in mix.split(",")]
+    weights = [w for w, _, _ in parts]
+    rng, tokens = random.Random(args.seed), random.Random(f"{args.seed}/{salt}")
+
+    def spread(n: float) -> int:
+        return max(1, round(n * rng.uniform(1 - args.len_spread, 1 + args.len_spread)))
+
+    reqs = []
+    for _ in range(args.num_requests):
+        _, i, o = rng.choices(parts, weights)[0]
+        out = min(spread(o), max_len - 1)
+        reqs.append(Req(_tokens(tokens, min(spread(i), max_len - out), vocab), out))
+    return reqs
+
+
+def mooncake(args, vocab: int, max_len: int, salt: str) -> tuple[list[Req], list[float]]:
+    """Hash ids -> fixed random blocks of `block_scale` tokens (seeded by the id): prefix sharing survives."""
+    reqs, times, blocks = [], [], {}
+    with open(TRACES / "mooncake_synthetic_trace.jsonl") as f:
+        for line in f:
+            if len(reqs) == args.num_requests:
+                break
+            row = json.loads(line)
+            out = _cap_output(row["output_length"], args, max_len)
+            n = min(math.ceil(row["input_length"] * args.block_scale / 512), max_len - out)
+            prompt = []
+            for h in row["hash_ids"]:
+                if h not in blocks:
+                    blocks[h] = _tokens(random.Random(f"{h}/{salt}"), args.block_scale, vocab)
+                prompt += blocks[h]
+            reqs.append(Req(prompt[:n], out))
+            times.append(row["timestamp"] / 1000)
+    return reqs, times
+
+
+def azure(args, vocab: int, max_len: int, salt: str) -> tuple[list[Req], list[float]]:
+    reqs, times = [], []
+    with open(TRACES / "azure_llm_code_2023.csv") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i == args.num_requests:
+                break
+            out = _cap_output(int(row["GeneratedTokens"]), args, max_len)
+            n = min(max(1, math.ceil(int(row["ContextTokens"]) * args.block_scale / 512)), max_len - out)
+            reqs.append(Req(_tokens(random.Random(f"{args.seed}/{salt}/{i}"), n, vocab), out))
+            stamp, frac = row["TIMESTAMP"].split(".")
+            times.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").timestamp() + float("0." + frac))
+    return reqs, [t - times[0] for t in times]
+
+
+def _cap_output(n: int, args, max_len: int) -> int:
+    return max(1, min(n, args.max_output_len or n, max_len // 2))
+
+
+def set_arrivals(reqs: list[Req], rate: float | None, trace_times: list[float] | None, args) -> float | None:
+    """Poisson at `rate`; a trace keeps its own gaps, compressed by `--time-scale` or rescaled to `rate`.
+    Returns the time scale applied to a trace (None for Poisson)."""
+    if trace_times is not None:
+        span = trace_times[-1] - trace_times[0]
+        scale = args.time_scale if rate is None or span == 0 else span / (len(reqs) - 1) * rate
+        for r, t in zip(reqs, trace_times):
+            r.arrival = (t - trace_times[0]) / scale
+        return scale
+    rng, t = random.Random(args.seed + 1), 0.0
+    for r in reqs:
+        t += rng.expovariate(rate) if rate else 0.0
+        r.arrival = t
+    return None
+
+
+# ---- load generation ----------------------------------------------------------------------------------
+
+
+async def send(client: httpx.AsyncClient, model: str, req: Req, lag: float) -> Result:
+    res = Result(len(req.prompt), req.max_tokens, send_lag=lag)
+    body = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,  # exact tokens per chunk (vLLM's extra); without it a chunk counts once
+    }
+    start, last, usage = time.perf_counter(), None, None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            res.status = r.status_code
+            if r.status_code != 200:
+                res.error = (await r.aread()).decode(errors="replace")[:200]
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                now, chunk = time.perf_counter(), json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = str(chunk["error"])[:200]
+                    break
+                usage = chunk.get("usage") or usage
+                n = sum(len(c.get("token_ids") or []) or bool(c.get("text")) for c in chunk.get("choices") or [])
+                if not n:
+                    continue
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itl += [(now - last) / n] * n
+                last, res.chunks, res.output_tokens = now, res.chunks + 1, res.output_tokens + n
+            else:
+                res.error = res.error or "stream ended without [DONE]"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        res.error = repr(e)[:200]
+    res.e2e = time.perf_counter() - start
+    if usage:
+        res.output_tokens = usage["completion_tokens"]
+    return res
+
+
+async def run_load(url: str, model: str, reqs: list[Req], concurrency: int | None, timeout: float):
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        if concurrency:  # closed loop: each slot sends its next request when the previous one ends
+            todo = iter(reqs)
+
+            async def slot():
+                return [await send(client, model, r, 0.0) for r in todo]
+
+            results = [r for s in await asyncio.gather(*(slot() for _ in range(concurrency))) for r in s]
+        else:
+            tasks = []
+            for r in reqs:
+                delay = start + r.arrival - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                lag = time.perf_counter() - start - r.arrival
+                tasks.append(asyncio.create_task(send(client, model, r, lag)))
+            results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def _pct(values) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "p99.9": None, "max": None, "mean": None}
+    p50, p90, p99, p999 = np.percentile(values, [50, 90, 99, 99.9]).tolist()
+    return {"p50": p50, "p90": p90, "p99": p99, "p99.9": p999, "max": max(values), "mean": float(np.mean(values))}
+
+
+def summarize(results: list[Result], duration: float, args) -> dict:
+    ok = [r for r in results if r.ok]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    meets = [r.ok and r.ttft <= args.slo_ttft and (r.tpot is None or r.tpot <= args.slo_tpot) for r in results]
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({f"{r.status} {r.error}"[:120] for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": tokens / duration,
+        "ttft": _pct([r.ttft for r in ok]),
+        "itl": _pct([g for r in ok for g in r.itl]),
+        "max_itl": _pct([max(r.itl) for r in ok if r.itl]),  # each request's worst stall
+        "tpot": _pct(tpots),
+        "e2e": _pct([r.e2e for r in ok]),
+        "slo_attainment": sum(meets) / len(results),
+        "ttft_attainment": sum(r.ok and r.ttft <= args.slo_ttft for r in results) / len(results),
+        "tpot_attainment": sum(r.ok and (r.tpot or 0) <= args.slo_tpot for r in results) / len(results),
+        "tokens_per_chunk": tokens / max(1, sum(r.chunks for r in ok)),
+        "max_send_lag_s": max(r.send_lag for r in results),
+    }
+
+
+# ---- the server under test ----------------------------------------------------------------------------
+
+
+class Server:
+    """`pdserve serve` in its own session (process group = its pid); stop() leaves nothing of it behind."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, src: str | None = None) -> None:
+        self.name, self.args, self.log, self.src = name, args, log_dir / f"server-{name}.log", src
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        exe = Path(sys.executable).with_name("pdserve")
+        cmd = [str(exe) if exe.exists() else "pdserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        self.cmd = cmd + self.args
+        with open(self.log, "w") as log:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [self.src, os.environ.get("PYTHONPATH")]))}
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.src, env=env
+            )
+        deadline = time.monotonic() + timeout
+        while "pdserve ready on" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server {self.name} did not start; log {self.log}:\n{self.tail()}")
+            time.sleep(0.2)
+        return f"http://127.0.0.1:{port}"
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:])
+
+    def stop(self, timeout: float = 60) -> dict:
+        """SIGTERM the server (it shuts its Ray down), SIGKILL its process group after `timeout`; then check
+        that nothing it started survives. Ray puts each actor in a process group of its own but keeps the
+        session, so the check is by session id (= the server's pid, a superset of its process group)."""
+        if self.proc is None:
+            return {}
+        sid, start, forced = self.proc.pid, time.monotonic(), False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                forced = True
+                os.killpg(sid, signal.SIGKILL)
+                self.proc.wait()
+        stop_s = time.monotonic() - start
+        deadline = time.monotonic() + 15  # Ray's children exit just after the driver
+        while (left := _session(sid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(1 if left else 0)
+        code, self.proc = self.proc.returncode, None
+        strays = [f"{pid} {name}" for pid, name in left.items()]
+        return {
+            "exit_code": code,
+            "stop_s": stop_s,
+            "sigkill": forced,
+            "strays_killed": strays,
+            "strays": _session(sid),
+        }
+
+
+def _session(sid: int) -> dict[int, str]:
+    """Live processes of session `sid`: pid -> name."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(d.name)) == sid and "Z" not in (d / "stat").read_text().split(")")[-1][:3]:
+                    out[int(d.name)] = (d / "comm").read_text().strip()
+    return out
+
+
+# ---- one benchmark, a comparison, reports ------------------------------------------------------------
+
+
+def model_args(args) -> tuple[list[str], int]:
+    """`pdserve serve` arguments for the model, and its vocab size (for valid token-id prompts)."""
+    if args.model == "demo":
+        return [], args.vocab or 260
+    path = build_random_llama(Path(args.model_dir)) if args.model == "random" else Path(args.model)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    return ["--model", str(path)], args.vocab or vocab
+
+
+def bench(url: str, args, vocab: int) -> list[dict]:
+    """The workload at each rate (or once, closed loop / trace timing) against the server at `url`."""
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    model, max_len = models["id"], models.get("max_model_len") or 4096
+    if args.warmup:
+        warm = workload(args, vocab, max_len, "warmup")[0][: args.warmup]
+        asyncio.run(run_load(url, model, [Req(r.prompt, 8) for r in warm], 1, args.timeout))
+    runs = []
+    for i, rate in enumerate(args.rates or [None]):
+        reqs, times = workload(args, vocab, max_len, str(i))
+        scale = set_arrivals(reqs, None if args.concurrency else rate, times, args)
+        results, duration = asyncio.run(run_load(url, model, reqs, args.concurrency, args.timeout))
+        summary = summarize(results, duration, args)
+        summary.update(rate=rate, concurrency=args.concurrency, trace_time_scale=scale)
+        print(f"  {_label(rate, args)}: {summary['ok']}/{summary['requests']} ok in {duration:.1f} s", flush=True)
+        keep = ("input_len", "max_tokens", "output_tokens", "status", "ttft", "e2e", "send_lag")
+        per_request = [
+            {
+                **{k: getattr(r, k) for k in keep},
+                "tpot": r.tpot,
+                "max_itl": max(r.itl, default=None),
+                "arrival": q.arrival,
+            }
+            for r, q in zip(results, reqs)
+        ]
+        runs.append({"summary": summary, "requests": per_request})
+    return runs
+
+
+def describe(args, vocab: int) -> dict:
+    keys = ("trace", "mix", "input_len", "output_len", "len_spread", "num_requests", "seed", "concurrency")
+    extra = ("block_scale", "time_scale", "max_output_len") if args.trace else ()
+    return {**{k: getattr(args, k) for k in keys + extra}, "rates": args.rates, "model": args.model, "vocab": vocab}
+
+
+def _source(server_src: str | None) -> dict:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")), "server_src": server_src}
+
+
+def goodput(runs: list[dict]) -> float | None:
+    """DistServe: the highest swept rate at which >= 90% of requests meet both SLOs."""
+    good = [r["summary"]["rate"] for r in runs if r["summary"]["rate"] and r["summary"]["slo_attainment"] >= 0.9]
+    return max(good, default=None)
+
+
+PERCENTILES = {
+    "ttft": ("p50", "p90", "p99"),
+    "itl": ("p50", "p90", "p99", "p99.9"),
+    "max_itl": ("p50", "p90", "p99"),
+    "tpot": ("p50", "p90", "p99"),
+    "e2e": ("p50", "p90", "p99"),
+}
+
+
+def metric_rows(s: dict) -> list[tuple[str, float | int | None]]:
+    rows = [("ok / requests", f"{s['ok']}/{s['requests']}"), ("req/s", s["request_throughput"])]
+    rows += [("output tok/s", s["output_throughput"])]
+    for m, ps in PERCENTILES.items():
+        rows += [(f"{m} {p} (ms)", None if s[m][p] is None else 1000 * s[m][p]) for p in ps]
+    rows += [("SLO attainment", s["slo_attainment"]), ("  ttft ok", s["ttft_attainment"])]
+    rows += [("  tpot ok", s["tpot_attainment"]), ("tokens/chunk", s["tokens_per_chunk"])]
+    return rows + [("max send lag (ms)", 1000 * s["max_send_lag_s"])]
+
+
+def _label(rate: float | None, args) -> str:
+    if args.concurrency:
+        return f"concurrency {args.concurrency}"
+    if args.trace:
+        return f"{args.trace} trace" + (f" rescaled to {rate} req/s" if rate else f" at {args.time_scale}x speed")
+    return f"Poisson {rate} req/s"
+
+
+def report(configs: dict[str, dict], args) -> dict:
+    """Print each rate's metrics, configs side by side with B/A ratios; returns the ratios."""
+    names, ratios = list(configs), {}
+    for i, rate in enumerate(args.rates or [None]):
+        print(f"\n== {_label(rate, args)}; SLO ttft <= {args.slo_ttft} s, tpot <= {args.slo_tpot} s")
+        per = [dict(metric_rows(configs[n]["runs"][i]["summary"])) for n in names]
+        rows = []
+        for metric in per[0]:
+            row = {"metric": metric, **{n: p[metric] for n, p in zip(names, per)}}
+            a, b = row[names[0]], row[names[-1]]
+            if len(names) == 2 and isinstance(a, float) and isinstance(b, float) and a:
+                row["B/A"] = ratios.setdefault(str(rate), {})[metric] = b / a
+            rows.append(row)
+        print_table(rows, ["metric", *names] + (["B/A"] if len(names) == 2 else []))
+    for n in names:
+        runs = configs[n]["runs"]
+        att = ", ".join(f"{r['summary']['rate']}: {r['summary']['slo_attainment']:.0%}" for r in runs)
+        if args.rates:
+            print(f"{n}: goodput {goodput(runs)} req/s (SLO attainment by rate: {att})")
+    return ratios
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="benchmark a running server (default: start one, see --layout)")
+    ap.add_argument("--compare", action="store_true", help="A = 1P1D (NIXL) vs B = 2 colocated, same workload")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="pd", help="server started without --url")
+    ap.add_argument("--model", default="random", help="'demo' (embedded), 'random' (bench Llama) or an HF dir")
+    ap.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "pdserve-bench" / "llama"))
+    ap.add_argument("--server-args", default="", help="extra `pdserve serve` arguments, one string")
+    ap.add_argument("--server-src", help="run the server from this source tree (e.g. a `git archive` snapshot)")
+    ap.add_argument("--vocab", type=int, help="prompt token ids are drawn below this (default: the model's)")
+    ap.add_argument("--num-requests", type=int, default=200)
+    ap.add_argument("--rate", type=float, help="Poisson arrivals, req/s (with a trace: rescale it to this)")
+    ap.add_argument("--rates", help="comma-separated rates: a sweep, for goodput")
+    ap.add_argument("--concurrency", type=int, help="closed loop with this many requests in flight")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--len-spread", type=float, default=0.25, help="lengths uniform in +-this fraction")
+    ap.add_argument("--mix", help="weight:input:output,... e.g. 0.85:128:128,0.15:1024:128")
+    ap.add_argument("--trace", choices=["mooncake", "azure"])
+    ap.add_argument("--block-scale", type=int, default=16, help="tokens per 512-token trace block")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="trace arrivals run this many times faster")
+    ap.add_argument("--max-output-len", type=int, help="cap trace output lengths")
+    # defaults ~3x a lone request of the random bench model on this CPU (1024-token prefill ~0.18 s, decode ~8 ms)
+    ap.add_argument("--slo-ttft", type=float, default=0.5, help="seconds")
+    ap.add_argument("--slo-tpot", type=float, default=0.025, help="seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (8 output tokens each)")
+    ap.add_argument("--timeout", type=float, default=600, help="per request, seconds")
+    ap.add_argument("--out", help="result name under bench/results/ (default: serve[-compare|-TRACE])")
+    args = ap.parse_args()
+    if args.compare and not (args.mix or args.trace):
+        args.mix = INTERFERENCE_MIX
+        args.rates = args.rates or (None if args.rate or args.concurrency else COMPARE_RATES)
+    if args.rates:
+        args.rates = [float(r) for r in args.rates.split(",")]
+    elif args.rate:
+        args.rates = [args.rate]
+    elif not (args.concurrency or args.trace):
+        args.rates = [2.0]
+    served, vocab = model_args(args)
+    started, configs = time.perf_counter(), {}
+    if args.url:
+        configs["server"] = {"url": args.url, "runs": bench(args.url, args, vocab)}
+    else:
+        log_dir = Path(tempfile.mkdtemp(prefix="pdserve-bench-serve-"))
+        for layout in ["pd", "colocated"] if args.compare else [args.layout]:
+            name = {"pd": "A_1P1D", "colocated": "B_2colocated"}[layout] if args.compare else layout
+            server = Server(layout, served + LAYOUTS[layout] + shlex.split(args.server_args), log_dir, args.server_src)
+            print(f"[{name}] starting: {' '.join(server.args)}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                url = server.start()
+                ready_s = time.perf_counter() - t0
+                runs = bench(url, args, vocab)
+            finally:
+                stop = server.stop()
+            print(f"[{name}] ready in {ready_s:.1f} s; stopped in {stop['stop_s']:.1f} s; strays {stop['strays']}")
+            configs[name] = {"server_cmd": server.cmd, "ready_s": ready_s, "stop": stop, "runs": runs}
+            configs[name]["log"] = str(server.log)
+    ratios = report(configs, args)
+    if args.compare:
+        print(f"\nnote: {NOTE_SHARED_CPU}")
+    wall = time.perf_counter() - started
+    print(f"\nwall time {wall:.0f} s; load average {os.getloadavg()[0]:.2f}")
+    payload = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "source": _source(args.server_src),
+        "workload": describe(args, vocab),
+        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+        "notes": [NOTE_SHARED_CPU, "ITL: gaps between streamed chunks, spread evenly over the tokens a chunk carries."],
+        "configs": configs,
+        "ratios_b_over_a": ratios,
+        "goodput_req_s": {n: goodput(c["runs"]) for n, c in configs.items()} if args.rates else None,
+        "wall_s": wall,
+        "loadavg_end": os.getloadavg(),
+    }
+    name = args.out or ("serve-compare" if args.compare else f"serve-{args.trace or 'synthetic'}")
+    print(f"wrote {write_json(name, payload)}")
+
+
+if __name__ == "__main__":
+    main()

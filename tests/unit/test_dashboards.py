@@ -42,6 +42,11 @@ SHOWN = (
     "pdserve_worker_running_requests",
     "pdserve_worker_waiting_requests",
     "pdserve_worker_kv_usage_ratio",
+    "pdserve_routing_decisions_total",
+    "pdserve_disaggregation_decisions_total",
+    "pdserve_scheduler_decision_seconds",
+    "pdserve_prefix_cache_prompt_tokens_total",
+    "pdserve_prefix_cache_hit_tokens_total",
 )
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 
@@ -177,7 +182,11 @@ def test_rules_use_only_exported_metrics(rules, exported):
         else:
             assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"], where
             assert re.fullmatch(r"\d+[smh]", rule["for"]), where
-    assert {"pdserve:ttft_seconds:p90_5m", "pdserve:prefix_hit_ratio:5m"} <= records
+    assert {
+        "pdserve:ttft_seconds:p90_5m",
+        "pdserve:prefix_hit_ratio:5m",
+        "pdserve:prefix_hit_ratio_by_worker:5m",
+    } <= records
     promtool_tests = yaml.safe_load(RULES_TESTS.read_text())
     assert promtool_tests["rule_files"] == [RULES.name]
     tested = {case["alertname"] for t in promtool_tests["tests"] for case in t["alert_rule_test"]}

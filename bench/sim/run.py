@@ -115,8 +115,8 @@ COLUMNS = [
     ("prefill_imbalance", "{:.2f}"),
     ("decode_busy_imbalance", "{:.2f}"),
     ("local_prefill_frac", "{:.2f}"),
-    ("rejected", "{}"),
-    ("failed", "{}"),
+    ("rejected", "{:.1f}"),
+    ("failed", "{:.1f}"),
 ]
 
 

@@ -45,6 +45,12 @@ class PrefixAwareSpread(PrefixAware):
         return super().pick([best], request, pool)
 
 
+class PrefixAwareProposed(PrefixAwareQueue, PrefixAwareSpread):
+    """`pa_proposed`: both changes, `pa_queue`'s cost with `pa_spread`'s tie-break."""
+
+    name = "pa_proposed"
+
+
 class SGLangFresh(SGLangCacheAware):
     """`sglang_fresh`: SGLang's fallback as SGLang's router does it: the tree it compares grows on every
     routing decision (here: indexed blocks plus the blocks routed there since the last report), not only
@@ -70,7 +76,7 @@ class SGLangFresh(SGLangCacheAware):
         return Decision(best.worker.worker_id, "smallest_cache")
 
 
-VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, PrefixAwareSpread, SGLangFresh)}
+VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, PrefixAwareSpread, PrefixAwareProposed, SGLangFresh)}
 
 
 def make_variant(name: str, **options):

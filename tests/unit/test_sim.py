@@ -69,3 +69,17 @@ def test_decode_run_matches_single_steps():
     steps, batch, ctx = 7, 3, 1000
     single = sum(MODEL.step_s(0.0, batch, ctx + i * batch) for i in range(steps))
     assert abs(MODEL.decode_run_s(steps, batch, ctx) - single) < 1e-12
+
+
+def test_pa_queue_counts_local_prefills_on_decode_workers_only():
+    from bench.sim.variants import make_variant
+    from pdserve.protocol import RouteRequest
+    from pdserve.scheduler.policies import Candidate, WorkerView
+
+    req = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
+    views = {n: dict(num_blocks=100, num_free_blocks=100) for n in "ab"}
+    for role, expected in (("decode", "b"), ("mixed", "a")):
+        a = Candidate(WorkerView("a", role, num_prefill_tokens_queued=5000, **views["a"]), 0)
+        b = Candidate(WorkerView("b", role, num_running=3, **views["b"]), 0)
+        assert make_variant("pa_queue").pick([a, b], req, "decode").worker_id == expected
+    assert make_variant("prefix_aware") is None  # pdserve's own policies are built by the Router

@@ -68,6 +68,10 @@ def _argmin(candidates: list[Candidate], key) -> Candidate:
     return min(candidates, key=lambda c: (key(c), c.worker.worker_id))
 
 
+def _spread_key(c: Candidate) -> tuple[int, str]:
+    return (c.worker.num_cached_blocks + c.worker.pending_blocks, c.worker.worker_id)
+
+
 class RoundRobin:
     name = "round_robin"
 
@@ -100,8 +104,10 @@ class LeastLoaded:
 class PrefixAware:
     """Cost in prompt-token units. Prefill: tokens this worker must compute for the request (uncached
     suffix) plus prompt tokens already queued there, plus `request_overhead_tokens` per queued request.
-    Decode: running sequences (each worth `decode_seq_tokens`) and KV usage (a full cache is worth
-    `kv_full_tokens`), minus the prompt it caches (a local prefill, if the decider picks one, is cheaper).
+    Decode: running sequences (each worth `decode_seq_tokens`), KV usage (a full cache is worth
+    `kv_full_tokens`) and, on a decode-role worker, prompt tokens queued there for local prefill, minus the
+    prompt it caches (a local prefill, if the decider picks one, is cheaper). Equal costs go to the worker
+    with the fewest cached and pending blocks, so an idle pool spreads its caches instead of filling one.
     A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties."""
 
     name = "prefix_aware"
@@ -126,9 +132,11 @@ class PrefixAware:
         if pool == "prefill":
             uncached = request.num_prompt_tokens - c.cached_tokens
             return uncached + w.queued_tokens + self.request_overhead_tokens * (w.num_waiting + w.pending_requests)
+        queued = w.queued_tokens if w.role == "decode" else 0  # local prefills the decider sent here
         return (
             self.decode_seq_tokens * w.load
             + self.kv_full_tokens * w.used_blocks / max(1, w.num_blocks)
+            + queued
             - c.cached_tokens
         )
 
@@ -139,7 +147,7 @@ class PrefixAware:
             weights = [math.exp(-(x - low) / self.temperature) for x in costs]
             chosen = self._rng.choices(candidates, weights=weights)[0]
         else:
-            chosen = min(zip(costs, candidates), key=lambda p: (p[0], p[1].worker.worker_id))[1]
+            chosen = min(zip(costs, candidates), key=lambda p: (p[0], _spread_key(p[1])))[1]
         return Decision(chosen.worker.worker_id, "prefix_hit" if chosen.cached_tokens else "load")
 
 

@@ -5,7 +5,7 @@ the arrival rate for goodput; print tables and write bench/results/sim_<calibrat
     python -m bench.sim.run --calibrations h100 --clusters pd --rates 1 --limit 1000 --seeds 1
     python -m bench.sim.run --policies "prefix_aware,pa_queue:decode_queue_weight=0.5;uncached_weight=2.0"
 
-A policy is a name from pdserve's registry or bench/sim/variants.py (`pa_queue` is the proposed change),
+A policy is a name from pdserve's registry or bench/sim/variants.py (`pa_queue` reweighs prefix_aware's queue terms),
 optionally with `:key=value` options separated by ';'. Rates multiply the trace's own arrival rate
 (3.9 req/s over 1,022 s); the seeds move the workers' report phases.
 """
@@ -27,7 +27,7 @@ from bench.sim.trace import load_mooncake, mean_rate
 from bench.sim.variants import make_variant
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-POLICIES = ("round_robin", "least_loaded", "prefix_aware", "sglang_cache_aware", "dynamo_kv_cost", "pa_queue")
+POLICIES = ("round_robin", "least_loaded", "prefix_aware", "sglang_cache_aware", "dynamo_kv_cost")
 
 
 @dataclass(frozen=True)

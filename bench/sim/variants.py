@@ -8,9 +8,10 @@ from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangC
 
 
 class PrefixAwareQueue(PrefixAware):
-    """`pa_queue`: a decode worker's cost also counts the prompt tokens queued for prefill on it (local
-    prefills the decider sent there) times `decode_queue_weight`, a mixed worker's times `mixed_queue_weight`;
-    the prefill cost weighs the uncached suffix by `uncached_weight` (> 1 values a hit above queueing)."""
+    """`pa_queue`: reweighs the prompt tokens queued for prefill on a decode-pool worker. pdserve's
+    `prefix_aware` (which adopted this study's proposal) counts them with weight 1 on decode workers and 0
+    on mixed ones; `decode_queue_weight` / `mixed_queue_weight` set other weights, and `uncached_weight`
+    (> 1 values a hit above queueing) reweighs the prefill cost's uncached suffix. Defaults equal pdserve's."""
 
     name = "pa_queue"
 
@@ -25,30 +26,8 @@ class PrefixAwareQueue(PrefixAware):
         base = super().cost(c, request, pool)
         if pool == "prefill":
             return base + (self.uncached_weight - 1) * (request.num_prompt_tokens - c.cached_tokens)
-        weight = self.decode_queue_weight if c.worker.role == "decode" else self.mixed_queue_weight
-        return base + weight * c.worker.queued_tokens
-
-
-class PrefixAwareSpread(PrefixAware):
-    """`pa_spread`: ties (e.g. a request no worker caches, on idle workers) go to the worker with the fewest
-    cached blocks, not the lowest id, so new prefixes spread over the pool's caches (SGLang's fallback)."""
-
-    name = "pa_spread"
-
-    def pick(self, candidates, request, pool):
-        costs = [self.cost(c, request, pool) for c in candidates]
-        low = min(costs)
-        tied = [c for c, x in zip(candidates, costs) if x == low]
-        if len(tied) == 1 or self.temperature > 0:
-            return super().pick(candidates, request, pool)
-        best = min(tied, key=lambda c: (c.worker.num_cached_blocks + c.worker.pending_blocks, c.worker.worker_id))
-        return super().pick([best], request, pool)
-
-
-class PrefixAwareProposed(PrefixAwareQueue, PrefixAwareSpread):
-    """`pa_proposed`: both changes, `pa_queue`'s cost with `pa_spread`'s tie-break."""
-
-    name = "pa_proposed"
+        extra = self.decode_queue_weight - 1 if c.worker.role == "decode" else self.mixed_queue_weight
+        return base + extra * c.worker.queued_tokens
 
 
 class SGLangFresh(SGLangCacheAware):
@@ -76,7 +55,7 @@ class SGLangFresh(SGLangCacheAware):
         return Decision(best.worker.worker_id, "smallest_cache")
 
 
-VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, PrefixAwareSpread, PrefixAwareProposed, SGLangFresh)}
+VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, SGLangFresh)}
 
 
 def make_variant(name: str, **options):

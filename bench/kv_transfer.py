@@ -121,7 +121,7 @@ def gbps(size: int, times: list[float]) -> float:
 
 def measure_sizes(sender, receiver, num_blocks: int, block: int, evict: bool, rng) -> list[dict]:
     rows = []
-    for size in SIZES:
+    for size in (s for s in SIZES if s >= block):
         n = size // block
         reps = 30 if size <= 16 * MB else 10 if size <= 64 * MB else 6
         src, dst = rng.sample(range(num_blocks), n), rng.sample(range(num_blocks), n)
@@ -196,7 +196,7 @@ def main() -> None:
     print_table(overhead, ["pages", "handoff", "p50_ms", "p90_ms"])
     print("\ncache MB on huge pages (sender, receiver):", huge)
     out = write_json(
-        "kv_transfer",
+        "kv_transfer" if args.block_kb == 64 else f"kv_transfer_{args.block_kb}kb",
         {
             "block_bytes": block,
             "nixl_threads": args.threads,

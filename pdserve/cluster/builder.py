@@ -113,7 +113,12 @@ def _init_ray(config: ServeConfig) -> bool:
 def _worker_resources(config: ServeConfig) -> dict:
     if config.engine.device.startswith("cuda"):
         return {"num_gpus": 1, "num_cpus": config.worker_cpus or 1}
-    return {"num_cpus": config.worker_cpus if config.worker_cpus is not None else 1}
+    # CPU KV caches on transparent huge pages: NIXL's same-host READ (CMA) moves them ~1.5-2x faster
+    # (bench/kv_transfer.py: 10.2 -> 15.8 GB/s scattered at 256 MB)
+    return {
+        "num_cpus": config.worker_cpus if config.worker_cpus is not None else 1,
+        "runtime_env": {"env_vars": {"THP_MEM_ALLOC_ENABLE": "1"}},
+    }
 
 
 async def build(config: ServeConfig, metrics=None) -> Deployment:

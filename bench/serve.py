@@ -327,9 +327,10 @@ def server_side(before: dict, after: dict) -> dict:
     for key, name in HISTOGRAMS.items():
         count = delta.get((f"{name}_count", ()), 0.0)
         buckets = sorted((float(dict(k[1])["le"]), v) for k, v in delta.items() if k[0] == f"{name}_bucket")
-        p99 = next((le for le, c in buckets if count and c >= 0.99 * count), None)
         mean = delta.get((f"{name}_sum", ()), 0.0) / count if count else None
-        out[key] = {"count": count, "mean": mean, "p99_bucket_le": p99}
+        out[key] = {"count": count, "mean": mean, "buckets": buckets}
+        for q in (0.99, 0.999):  # the bucket bound at or above the quantile
+            out[key][f"p{100 * q:g}_le"] = next((le for le, c in buckets if count and c >= q * count), None)
     out["decisions"] = {
         dict(k[1])["decision"]: v for k, v in delta.items() if k[0] == "pdserve_disaggregation_decisions_total" and v
     }
@@ -512,6 +513,9 @@ def metric_rows(s: dict) -> list[tuple[str, float | int | None]]:
     rows += [("  tpot ok", s["tpot_attainment"]), ("tokens/chunk", s["tokens_per_chunk"])]
     rows += [(f"client loop lag {p} (ms)", 1000 * (s["client_loop_lag"][p] or 0)) for p in ("p99", "max")]
     srv = s.get("server") or {}
+    for p in ("p99", "p99.9"):
+        if srv.get("itl", {}).get(f"{p}_le") is not None:
+            rows.append((f"server itl {p} <= (ms)", 1000 * srv["itl"][f"{p}_le"]))
     for name in ("ttft_queue", "ttft_prefill", "ttft_kv_transfer", "kv_transfer"):
         if srv.get(name, {}).get("mean") is not None:
             rows.append((f"server {name} mean (ms)", 1000 * srv[name]["mean"]))

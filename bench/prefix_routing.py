@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from common import build_random_llama, print_table, write_json
-from prometheus_client.parser import text_string_to_metric_families
+from common import Server, build_random_llama, percentiles, print_table, scrape, write_json
 
 POLICIES = ["round_robin", "prefix_aware", "least_loaded", "sglang_cache_aware", "dynamo_kv_cost"]
 COUNTERS = (
@@ -58,78 +52,8 @@ COUNTERS = (
 # ---- the server under test ------------------------------------------------------------------------------
 
 
-class Server:
-    """`pdserve serve` in a session of its own (session id = process group id = its pid)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args, self.log, self.proc = args, log, None
-
-    def start(self, timeout: float = 300) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        exe = Path(sys.executable).with_name("pdserve")
-        self.cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), *self.args]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while "pdserve ready on" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start; see {self.log}")
-            time.sleep(0.2)
-        return f"http://127.0.0.1:{port}"
-
-    def stop(self, timeout: float = 60) -> dict:
-        """SIGTERM, SIGKILL to the process group after `timeout`; then whatever is left of the session
-        (Ray gives actors process groups of their own, in the same session) is listed and killed."""
-        pid, start, forced = self.proc.pid, time.monotonic(), False
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                forced = True
-                os.killpg(pid, signal.SIGKILL)
-                self.proc.wait()
-        stop_s = time.monotonic() - start
-        deadline = time.monotonic() + 15  # Ray's processes exit shortly after the driver
-        while (left := _processes(pid)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        time.sleep(1 if left else 0)
-        return {
-            "exit_code": self.proc.returncode,
-            "stop_s": stop_s,
-            "sigkill": forced,
-            "strays_killed": [f"{p} {n}" for p, n in left.items()],
-            "strays_after": _processes(pid),
-        }
-
-
-def _processes(sid: int) -> dict[int, str]:
-    """Live processes whose session or process group is `sid`: pid -> name."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                pid = int(d.name)
-                alive = "Z" not in (d / "stat").read_text().rsplit(")", 1)[-1][:3]
-                if alive and sid in (os.getsid(pid), os.getpgid(pid)):
-                    out[pid] = (d / "comm").read_text().strip()
-    return out
-
-
-def scrape(url: str) -> dict[tuple, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in COUNTERS:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+def counters(url: str) -> dict[tuple, float]:
+    return {k: v for k, v in scrape(url).items() if k[0] in COUNTERS}
 
 
 # ---- the chat clients -----------------------------------------------------------------------------------
@@ -235,13 +159,6 @@ async def run_chats(url: str, model: str, args) -> tuple[list[Turn], float, str]
 # ---- one policy, then all side by side ------------------------------------------------------------------
 
 
-def _pct(values) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
-    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(values))}
-
-
 def summarize(turns: list[Turn], wall: float, before: dict, after: dict) -> dict:
     ok = [t for t in turns if not t.error]
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
@@ -285,8 +202,8 @@ def summarize(turns: list[Turn], wall: float, before: dict, after: dict) -> dict
         "routing_decisions": decisions,
         "disaggregation_decisions": by("pdserve_disaggregation_decisions_total", "decision"),
         "scheduler_decision_mean_us": 1e6 * total("pdserve_scheduler_decision_seconds_sum") / max(1, count),
-        "ttft": _pct([t.ttft for t in ok if t.ttft is not None]),
-        "e2e": _pct([t.e2e for t in ok]),
+        "ttft": percentiles([t.ttft for t in ok if t.ttft is not None]),
+        "e2e": percentiles([t.e2e for t in ok]),
     }
 
 
@@ -303,7 +220,7 @@ def run_policy(policy: str, served: list[str], args, log_dir: Path) -> dict:
         str(args.num_kv_blocks),
         *args.server_args.split(),
     ]
-    server = Server(server_args, log_dir / f"server-{policy}.log")
+    server = Server(policy, server_args, log_dir)
     t0 = time.perf_counter()
     try:
         url = server.start()
@@ -322,16 +239,16 @@ def run_policy(policy: str, served: list[str], args, log_dir: Path) -> dict:
         )
         asyncio.run(run_chats(url, model, warm))  # unrelated prompts: every worker runs its first steps
         time.sleep(1.0)  # the workers' load reports and KV events of the warm-up reach the scheduler
-        before = scrape(url)
+        before = counters(url)
         turns, wall, digest = asyncio.run(run_chats(url, model, args))
         time.sleep(0.5)
-        summary = summarize(turns, wall, before, scrape(url))
+        summary = summarize(turns, wall, before, counters(url))
     finally:
         stop = server.stop()
     print(
         f"[{policy}] ready in {ready_s:.0f} s, {summary['ok']}/{summary['requests']} ok in {wall:.0f} s, "
         f"hit rate {summary['hit_rate_usage']:.3f}; stopped in {stop['stop_s']:.1f} s, "
-        f"strays {stop['strays_after'] or 'none'}",
+        f"strays {stop['strays'] or 'none'}",
         flush=True,
     )
     keep = ("conversation", "turn", "prompt_tokens", "cached_tokens", "reusable_tokens", "output_tokens", "ttft", "e2e")

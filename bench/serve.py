@@ -23,8 +23,6 @@ import math
 import os
 import random
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,8 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-import numpy as np
-from common import build_random_llama, print_table, write_json
+from common import Server, build_random_llama, percentiles, print_table, scrape, write_json
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 LAYOUTS = {
@@ -259,13 +256,6 @@ async def _loop_lag(out: list[float], period: float = 0.01) -> None:
         out.append(time.perf_counter() - t - period)
 
 
-def _pct(values) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "p99.9": None, "max": None, "mean": None}
-    p50, p90, p99, p999 = np.percentile(values, [50, 90, 99, 99.9]).tolist()
-    return {"p50": p50, "p90": p90, "p99": p99, "p99.9": p999, "max": max(values), "mean": float(np.mean(values))}
-
-
 def summarize(results: list[Result], duration: float, lags: list[float], args) -> dict:
     ok = [r for r in results if r.ok]
     tpots = [r.tpot for r in ok if r.tpot is not None]
@@ -279,17 +269,17 @@ def summarize(results: list[Result], duration: float, lags: list[float], args) -
         "duration_s": duration,
         "request_throughput": len(ok) / duration,
         "output_throughput": tokens / duration,
-        "ttft": _pct([r.ttft for r in ok]),
-        "itl": _pct([g for r in ok for g in r.itl]),
-        "max_itl": _pct([max(r.itl) for r in ok if r.itl]),  # each request's worst stall
-        "tpot": _pct(tpots),
-        "e2e": _pct([r.e2e for r in ok]),
+        "ttft": percentiles([r.ttft for r in ok]),
+        "itl": percentiles([g for r in ok for g in r.itl]),
+        "max_itl": percentiles([max(r.itl) for r in ok if r.itl]),  # each request's worst stall
+        "tpot": percentiles(tpots),
+        "e2e": percentiles([r.e2e for r in ok]),
         "slo_attainment": sum(meets) / len(results),
         "ttft_attainment": sum(r.ok and r.ttft <= args.slo_ttft for r in results) / len(results),
         "tpot_attainment": sum(r.ok and (r.tpot or 0) <= args.slo_tpot for r in results) / len(results),
         "tokens_per_chunk": tokens / max(1, sum(r.chunks for r in ok)),
         "max_send_lag_s": max(r.send_lag for r in results),
-        "client_loop_lag": _pct(lags),
+        "client_loop_lag": percentiles(lags),
     }
 
 
@@ -305,18 +295,12 @@ HISTOGRAMS = {
 }
 
 
-def scrape(url: str) -> dict[tuple, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
+def _scrape(url: str) -> dict[tuple, float]:
+    """The server's counters, or nothing when it does not answer (the run still reports its client side)."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return scrape(url)
     except httpx.HTTPError:
         return {}
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def server_side(before: dict, after: dict) -> dict:
@@ -338,81 +322,6 @@ def server_side(before: dict, after: dict) -> dict:
 
 
 # ---- the server under test ----------------------------------------------------------------------------
-
-
-class Server:
-    """`pdserve serve` in its own session (process group = its pid); stop() leaves nothing of it behind."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, src: str | None = None) -> None:
-        self.name, self.args, self.log, self.src = name, args, log_dir / f"server-{name}.log", src
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 300) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        exe = Path(sys.executable).with_name("pdserve")
-        cmd = [str(exe) if exe.exists() else "pdserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        self.cmd = cmd + self.args
-        with open(self.log, "w") as log:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [self.src, os.environ.get("PYTHONPATH")]))}
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.src, env=env
-            )
-        deadline = time.monotonic() + timeout
-        while "pdserve ready on" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server {self.name} did not start; log {self.log}:\n{self.tail()}")
-            time.sleep(0.2)
-        return f"http://127.0.0.1:{port}"
-
-    def tail(self, n: int = 20) -> str:
-        return "\n".join(self.log.read_text().splitlines()[-n:])
-
-    def stop(self, timeout: float = 60) -> dict:
-        """SIGTERM the server (it shuts its Ray down), SIGKILL its process group after `timeout`; then check
-        that nothing it started survives. Ray puts each actor in a process group of its own but keeps the
-        session, so the check is by session id (= the server's pid, a superset of its process group)."""
-        if self.proc is None:
-            return {}
-        sid, start, forced = self.proc.pid, time.monotonic(), False
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                forced = True
-                os.killpg(sid, signal.SIGKILL)
-                self.proc.wait()
-        stop_s = time.monotonic() - start
-        deadline = time.monotonic() + 15  # Ray's children exit just after the driver
-        while (left := _session(sid)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(1 if left else 0)
-        code, self.proc = self.proc.returncode, None
-        strays = [f"{pid} {name}" for pid, name in left.items()]
-        return {
-            "exit_code": code,
-            "stop_s": stop_s,
-            "sigkill": forced,
-            "strays_killed": strays,
-            "strays": _session(sid),
-        }
-
-
-def _session(sid: int) -> dict[int, str]:
-    """Live processes of session `sid`: pid -> name."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(d.name)) == sid and "Z" not in (d / "stat").read_text().split(")")[-1][:3]:
-                    out[int(d.name)] = (d / "comm").read_text().strip()
-    return out
 
 
 # ---- one benchmark, a comparison, reports ------------------------------------------------------------
@@ -438,11 +347,11 @@ def bench(url: str, args, vocab: int) -> list[dict]:
     for i, rate in enumerate(args.rates or [None]):
         reqs, times = workload(args, vocab, max_len, str(i))
         scale = set_arrivals(reqs, None if args.concurrency else rate, times, args)
-        before = scrape(url)
+        before = _scrape(url)
         with _niceness(args.client_nice):
             results, duration, lags = asyncio.run(run_load(url, model, reqs, args.concurrency, args.timeout))
         summary = summarize(results, duration, lags, args)
-        summary["server"] = server_side(before, scrape(url))
+        summary["server"] = server_side(before, _scrape(url))
         summary.update(rate=rate, concurrency=args.concurrency, trace_time_scale=scale)
         print(f"  {_label(rate, args)}: {summary['ok']}/{summary['requests']} ok in {duration:.1f} s", flush=True)
         keep = ("input_len", "max_tokens", "output_tokens", "status", "ttft", "e2e", "send_lag")

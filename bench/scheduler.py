@@ -7,7 +7,8 @@ load and KV events (BlockStored / BlockRemoved) every `--report-every` decisions
 as a real worker reporting every 0.2 s would at ~2,000 decisions/s. A warm-up fills the index to
 `--index-blocks` before anything is timed.
 
-(a) in-process `Router.route()` latency per policy, with `index.match` and `policy.pick` timed alone;
+(a) in-process `Router.route()` latency per policy, with its phases (`index.match_ends`, each pool's
+candidates and the policy's pick over them) timed alone;
 (b) `GlobalScheduler` actor throughput: sequential `route.remote`, 64 in flight, `route_batch` via the API
 server's RouteBatcher. `--profile` prints a cProfile of in-process routing.
 
@@ -31,7 +32,7 @@ from common import print_table, write_json
 
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.protocol import BlockRemoved, BlockStored, KVEventBatch, RouteRequest, WorkerStats
-from pdserve.scheduler.policies import POLICIES, Candidate
+from pdserve.scheduler.policies import POLICIES
 from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
 
 BS = 16
@@ -244,23 +245,30 @@ def _route(router, req):
 
 
 def _breakdown(router: Router, reqs: list[RouteRequest]) -> dict:
-    """`index.match` over all workers, and the policy's pick over each pool, timed alone on the final state
-    (as route() calls them; the views and index do not change here)."""
-    views = list(router.views.values())
-    ids = [v.worker_id for v in views]
-    match_ns, pick_ns = [], {"prefill": [], "decode": []}
+    """The phases of route() timed alone on the final state (the views and index do not change here):
+    `index.match_ends`, then per pool the candidates the Router scores and the policy's pick over them.
+    `scored` is how many candidates that was (a ranked policy scores a few; the others every worker)."""
+    match_ns, cand_ns, pick_ns = [], {"prefill": [], "decode": []}, {"prefill": [], "decode": []}
+    scored = {"prefill": [], "decode": []}
     for req in reqs:
         t0 = time.perf_counter_ns()
-        matched = router.index.match(req.block_hashes, ids)
+        ends = router.index.match_ends(req.block_hashes)
         match_ns.append(time.perf_counter_ns() - t0)
+        most = req.num_prompt_tokens - 1
         for pool in pick_ns:
-            cands = [
-                Candidate(v, min(matched[v.worker_id] * BS, req.num_prompt_tokens - 1)) for v in views if v.role == pool
-            ]
             t0 = time.perf_counter_ns()
-            router.policy.pick(cands, req, pool)
-            pick_ns[pool].append(time.perf_counter_ns() - t0)
-    return {"match_us": pct_us(match_ns), "pick_us": {p: pct_us(ns) for p, ns in pick_ns.items()}}
+            cands = router.pools[pool].candidates(lambda w: True, ends, lambda b, most=most: min(b * BS, most))
+            t1 = time.perf_counter_ns()
+            router.policy.pick([c for c, _ in cands], req, pool)
+            pick_ns[pool].append(time.perf_counter_ns() - t1)
+            cand_ns[pool].append(t1 - t0)
+            scored[pool].append(len(cands))
+    return {
+        "match_us": pct_us(match_ns),
+        "candidates_us": {p: pct_us(ns) for p, ns in cand_ns.items()},
+        "pick_us": {p: pct_us(ns) for p, ns in pick_ns.items()},
+        "scored_mean": {p: float(np.mean(n)) for p, n in scored.items()},
+    }
 
 
 # ---- (b) through the actor ------------------------------------------------------------------------------
@@ -443,8 +451,10 @@ def main() -> None:
                 "p99 / base": r["route_us"]["p99"] / base["route_us"]["p99"],
                 "match p50": r["match_us"]["p50"],
                 "match p99": r["match_us"]["p99"],
-                "pick P p50": r["pick_us"]["prefill"]["p50"],
-                "pick D p50": r["pick_us"]["decode"]["p50"],
+                "cands+pick P p50": r["candidates_us"]["prefill"]["p50"] + r["pick_us"]["prefill"]["p50"],
+                "cands+pick D p50": r["candidates_us"]["decode"]["p50"] + r["pick_us"]["decode"]["p50"],
+                "scored P": r["scored_mean"]["prefill"],
+                "scored D": r["scored_mean"]["decode"],
                 "report p50": r["report_us"]["p50"],
                 "report p99": r["report_us"]["p99"],
                 "gc2 n": r["gc_gen2"]["count"],

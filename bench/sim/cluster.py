@@ -61,10 +61,9 @@ class Simulation:
                 block_size=cluster.block_size,
                 max_waiting_per_worker=cluster.max_waiting_per_worker,
                 disagg=cluster.disagg,
-            )
+            ),
+            policy=policy_impl,  # an experimental policy object in place of the named one
         )
-        if policy_impl is not None:  # an experimental policy object in place of the named one
-            self.router.policy = policy_impl
         self.workers = {wid: SimWorker(wid, role, model, cluster.block_size, self) for wid, role in cluster.roles()}
         self.clock = VirtualClock()
         self.rng = random.Random(seed)

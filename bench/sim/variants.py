@@ -19,6 +19,7 @@ class PrefixAwareQueue(PrefixAware):
         self, decode_queue_weight: float = 1.0, mixed_queue_weight: float = 0.0, uncached_weight: float = 1.0, **options
     ) -> None:
         super().__init__(**options)
+        self.ranked = False  # its cost() adds terms that the Router's ranked pools do not see
         self.decode_queue_weight, self.mixed_queue_weight = decode_queue_weight, mixed_queue_weight
         self.uncached_weight = uncached_weight
 

@@ -59,6 +59,7 @@ class Decision:
 
 class RoutingPolicy(Protocol):
     name: str
+    ranked: bool  # True: a CostPolicy whose pools the Router may keep ranked (see CostPolicy)
 
     def pick(self, candidates: list[Candidate], request: RouteRequest, pool: str) -> Decision:
         """Choose one of the candidates (never empty) for `request` in `pool` ("prefill" or "decode")."""
@@ -68,12 +69,41 @@ def _argmin(candidates: list[Candidate], key) -> Candidate:
     return min(candidates, key=lambda c: (key(c), c.worker.worker_id))
 
 
-def _spread_key(c: Candidate) -> tuple[int, str]:
-    return (c.worker.num_cached_blocks + c.worker.pending_blocks, c.worker.worker_id)
+class CostPolicy:
+    """A policy whose cost splits into a worker term and a request term:
+
+        cost = worker_cost(view, pool) + request_cost(cached_tokens, request, pool), ties to the lowest tiebreak,
+
+    where request_cost never grows with `cached_tokens` and tiebreak(view, pool) ends with the worker id. The Router
+    then keeps each pool sorted by (worker_cost, tiebreak) as views change, and a decision scores only the
+    workers caching part of the prompt plus the first admissible worker of that order: every other worker
+    costs at least as much as that one. `pick` over all candidates gives the same answer (the oracle)."""
+
+    ranked = True
+
+    def worker_cost(self, view: WorkerView, pool: str) -> float:
+        raise NotImplementedError
+
+    def request_cost(self, cached_tokens: int, request: RouteRequest, pool: str) -> float:
+        return 0
+
+    def tiebreak(self, view: WorkerView, pool: str) -> tuple:
+        return (view.worker_id,)
+
+    def reason(self, chosen: Candidate) -> str:
+        return self.name
+
+    def cost(self, c: Candidate, request: RouteRequest, pool: str) -> float:
+        return self.worker_cost(c.worker, pool) + self.request_cost(c.cached_tokens, request, pool)
+
+    def pick(self, candidates, request, pool) -> Decision:
+        best = min(candidates, key=lambda c: (self.cost(c, request, pool), self.tiebreak(c.worker, pool)))
+        return Decision(best.worker.worker_id, self.reason(best))
 
 
 class RoundRobin:
     name = "round_robin"
+    ranked = False
 
     def __init__(self, **_) -> None:
         self._next: dict[str, int] = {}
@@ -85,30 +115,31 @@ class RoundRobin:
         return Decision(ordered[i % len(ordered)].worker.worker_id, "round_robin")
 
 
-class LeastLoaded:
-    """Prefill pool: fewest queued prompt tokens; decode pool: fewest requests, then lowest KV usage."""
+class LeastLoaded(CostPolicy):
+    """Prefill pool: fewest queued prompt tokens, then fewest requests; decode pool: fewest requests, then
+    lowest KV usage. Blind to prefixes."""
 
     name = "least_loaded"
 
     def __init__(self, **_) -> None:
         pass
 
-    def pick(self, candidates, request, pool) -> Decision:
-        if pool == "prefill":
-            best = _argmin(candidates, lambda c: (c.worker.queued_tokens, c.worker.load))
-        else:
-            best = _argmin(candidates, lambda c: (c.worker.load, c.worker.kv_usage))
-        return Decision(best.worker.worker_id, "least_loaded")
+    def worker_cost(self, view, pool) -> float:
+        return view.queued_tokens if pool == "prefill" else view.load
+
+    def tiebreak(self, view, pool) -> tuple:
+        return (view.load, view.worker_id) if pool == "prefill" else (view.kv_usage, view.worker_id)
 
 
-class PrefixAware:
+class PrefixAware(CostPolicy):
     """Cost in prompt-token units. Prefill: tokens this worker must compute for the request (uncached
     suffix) plus prompt tokens already queued there, plus `request_overhead_tokens` per queued request.
     Decode: running sequences (each worth `decode_seq_tokens`), KV usage (a full cache is worth
     `kv_full_tokens`) and, on a decode-role worker, prompt tokens queued there for local prefill, minus the
     prompt it caches (a local prefill, if the decider picks one, is cheaper). Equal costs go to the worker
     with the fewest cached and pending blocks, so an idle pool spreads its caches instead of filling one.
-    A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties."""
+    A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties (then unranked: every
+    candidate's cost is needed)."""
 
     name = "prefix_aware"
 
@@ -122,33 +153,35 @@ class PrefixAware:
         **_,
     ) -> None:
         self.temperature = temperature
+        self.ranked = temperature <= 0
         self.request_overhead_tokens = request_overhead_tokens
         self.decode_seq_tokens = decode_seq_tokens
         self.kv_full_tokens = kv_full_tokens
         self._rng = random.Random(seed)
 
-    def cost(self, c: Candidate, request: RouteRequest, pool: str) -> float:
-        w = c.worker
+    def worker_cost(self, w: WorkerView, pool: str) -> float:
         if pool == "prefill":
-            uncached = request.num_prompt_tokens - c.cached_tokens
-            return uncached + w.queued_tokens + self.request_overhead_tokens * (w.num_waiting + w.pending_requests)
+            return w.queued_tokens + self.request_overhead_tokens * (w.num_waiting + w.pending_requests)
         queued = w.queued_tokens if w.role == "decode" else 0  # local prefills the decider sent here
-        return (
-            self.decode_seq_tokens * w.load
-            + self.kv_full_tokens * w.used_blocks / max(1, w.num_blocks)
-            + queued
-            - c.cached_tokens
-        )
+        return self.decode_seq_tokens * w.load + self.kv_full_tokens * w.used_blocks / max(1, w.num_blocks) + queued
+
+    def request_cost(self, cached_tokens: int, request: RouteRequest, pool: str) -> float:
+        return request.num_prompt_tokens - cached_tokens if pool == "prefill" else -cached_tokens
+
+    def tiebreak(self, view: WorkerView, pool: str) -> tuple:
+        return (view.num_cached_blocks + view.pending_blocks, view.worker_id)
+
+    def reason(self, chosen: Candidate) -> str:
+        return "prefix_hit" if chosen.cached_tokens else "load"
 
     def pick(self, candidates, request, pool) -> Decision:
+        if self.temperature <= 0 or len(candidates) == 1:
+            return super().pick(candidates, request, pool)
         costs = [self.cost(c, request, pool) for c in candidates]
-        if self.temperature > 0 and len(candidates) > 1:
-            low = min(costs)
-            weights = [math.exp(-(x - low) / self.temperature) for x in costs]
-            chosen = self._rng.choices(candidates, weights=weights)[0]
-        else:
-            chosen = min(zip(costs, candidates), key=lambda p: (p[0], _spread_key(p[1])))[1]
-        return Decision(chosen.worker.worker_id, "prefix_hit" if chosen.cached_tokens else "load")
+        low = min(costs)
+        weights = [math.exp(-(x - low) / self.temperature) for x in costs]
+        chosen = self._rng.choices(candidates, weights=weights)[0]
+        return Decision(chosen.worker.worker_id, self.reason(chosen))
 
 
 class SGLangCacheAware:
@@ -156,6 +189,7 @@ class SGLangCacheAware:
     prefix match when its ratio exceeds 0.3, else the worker with the smallest cache."""
 
     name = "sglang_cache_aware"
+    ranked = False
 
     def __init__(
         self, balance_abs_threshold: int = 64, balance_rel_threshold: float = 1.5, cache_threshold: float = 0.3, **_
@@ -172,24 +206,25 @@ class SGLangCacheAware:
         return Decision(_argmin(candidates, lambda c: c.worker.num_cached_blocks).worker.worker_id, "smallest_cache")
 
 
-class DynamoKVCost:
+class DynamoKVCost(CostPolicy):
     """Dynamo's KV router cost: 1.0 x (prefill blocks queued on the worker + uncached prompt blocks of this
     request) + decode blocks active on it; the lowest wins."""
 
     name = "dynamo_kv_cost"
 
     def __init__(self, block_size: int = 16, overlap_weight: float = 1.0, **_) -> None:
+        if overlap_weight < 0:
+            raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight}")
         self.block_size, self.weight = block_size, overlap_weight
 
-    def pick(self, candidates, request, pool) -> Decision:
-        bs = self.block_size
+    def worker_cost(self, view, pool) -> float:
+        return self.weight * -(-view.queued_tokens // self.block_size) + view.used_blocks
 
-        def cost(c: Candidate) -> float:
-            uncached_blocks = math.ceil((request.num_prompt_tokens - c.cached_tokens) / bs)
-            prefill_blocks = math.ceil(c.worker.queued_tokens / bs) + uncached_blocks
-            return self.weight * prefill_blocks + c.worker.used_blocks
+    def request_cost(self, cached_tokens, request, pool) -> float:
+        return self.weight * -(-(request.num_prompt_tokens - cached_tokens) // self.block_size)
 
-        return Decision(_argmin(candidates, cost).worker.worker_id, "kv_cost")
+    def reason(self, chosen) -> str:
+        return "kv_cost"
 
 
 POLICIES = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware, SGLangCacheAware, DynamoKVCost)}

@@ -10,7 +10,10 @@ events arrive.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import OrderedDict, deque
+from itertools import accumulate, islice, repeat, takewhile
+from operator import and_, neg, or_
 
 from pdserve.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -22,11 +25,18 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self._holders: OrderedDict[int, int] = OrderedDict()  # hash -> worker mask; LRU, oldest first
         self._predicted: dict[int, int] = {}  # hash -> worker mask of unconfirmed routing decisions
-        self._expiry: deque[tuple[float, int, list[int]]] = deque()  # (time, bit, hashes): one per predict()
+        # One entry per prediction: (expiry time, mask, hashes, start, end), as parallel deques so routing
+        # allocates no objects that outlive the decision (each would count toward the next GC pass).
+        self._expiry: tuple[deque, ...] = (deque(), deque(), deque(), deque(), deque())
+        self._stale = 0  # zero masks left in _predicted by expiries (swept in bulk)
         self._bit: dict[str, int] = {}
         self._worker: dict[int, str] = {}  # bit -> worker id
         self._count: dict[str, int] = {}  # blocks indexed per worker
         self._stream: dict[str, tuple[str, int]] = {}  # worker -> (epoch, last seq applied)
+
+    def bit(self, worker_id: str) -> int:
+        """The worker's bit in the masks that match and predictions use (assigned on first use)."""
+        return self._bit_of(worker_id)
 
     def _bit_of(self, worker_id: str) -> int:
         bit = self._bit.get(worker_id)
@@ -71,47 +81,120 @@ class PrefixIndex:
             self._drop_entries(worker_id, bit)
             for h in [h for h, m in self._predicted.items() if m & bit]:
                 self._unpredict(bit, h)
+            times, masks, *rest = self._expiry  # the bit may be given to a new worker: its predictions end here
+            self._expiry = (times, deque(m & ~bit for m in masks), *rest)
         self._stream.pop(worker_id, None)
         self._count.pop(worker_id, None)
 
     def predict(self, worker_id: str, hashes: list[int], ttl_s: float = PREDICTION_TTL_S) -> None:
         """A request with these block hashes was just routed to `worker_id`: count them as cached there
         until the worker's own events confirm them or `ttl_s` passes."""
-        bit = self._bit_of(worker_id)
-        holders, predicted = self._holders, self._predicted
-        new = [h for h in hashes if not holders.get(h, 0) & bit]
-        for h in new:
-            predicted[h] = predicted.get(h, 0) | bit
-        if new:
-            self._expiry.append((time.monotonic() + ttl_s, bit, new))
+        self.predict_mask(self._bit_of(worker_id), hashes, ttl_s=ttl_s)
+
+    def predict_mask(
+        self,
+        mask: int,
+        hashes: list[int],
+        start: int = 0,
+        end: int | None = None,
+        unheld_from: int | None = None,
+        ttl_s: float = PREDICTION_TTL_S,
+    ) -> None:
+        """`predict` hashes[start:end] for every worker in `mask` at once. `unheld_from`: from this block on
+        no worker caches the prompt (the longest match), so those entries are written without reading
+        them first. (The router predicts the blocks past each worker's match, so they are almost never
+        confirmed there already.)"""
+        end = len(hashes) if end is None else end
+        if start >= end or not mask:
+            return
+        predicted = self._predicted
+        split = end if unheld_from is None else min(end, max(start, unheld_from))
+        if start < split:
+            masked = map(or_, map(predicted.get, islice(hashes, start, split), repeat(0)), repeat(mask))
+            predicted.update(zip(islice(hashes, start, split), masked))
+        if split < end:
+            predicted.update(zip(islice(hashes, split, end), repeat(mask)))
+        for queue, value in zip(self._expiry, (time.monotonic() + ttl_s, mask, hashes, start, end)):
+            queue.append(value)
 
     def expire_predictions(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        while self._expiry and self._expiry[0][0] <= now:
-            _, bit, hashes = self._expiry.popleft()
-            for h in hashes:
-                self._unpredict(bit, h)
+        predicted, (times, masks, lists, starts, ends) = self._predicted, self._expiry
+        while times and times[0] <= now:
+            times.popleft()
+            keep, hashes, start, end = ~masks.popleft(), lists.popleft(), starts.popleft(), ends.popleft()
+            masked = map(and_, map(predicted.get, islice(hashes, start, end), repeat(0)), repeat(keep))
+            predicted.update(zip(islice(hashes, start, end), masked))
+            self._stale += end - start
+        if self._stale > max(4096, len(predicted)):
+            self._predicted = {h: m for h, m in predicted.items() if m}
+            self._stale = 0
 
     # ---- queries ---------------------------------------------------------------------------------
+    def match_all(self, hashes: list[int]) -> dict[str, int]:
+        """Every worker caching (indexed or predicted) the first block of `hashes`, with how many leading
+        blocks it caches."""
+        found: dict[str, int] = {}
+        for blocks, mask in self.match_ends(hashes):
+            while mask:
+                low = mask & -mask
+                found[self._worker[low]] = blocks
+                mask ^= low
+        return found
+
+    def match_ends(self, hashes: list[int]) -> list[tuple[int, int]]:
+        """`match_all` as (leading blocks cached, mask of the workers caching exactly that many), one
+        entry per distinct length, the masks disjoint.
+
+        Assumes what a radix tree enforces: a worker caching a chained block caches its parent too (an
+        engine evicts a chain from its tail). The worker masks along the prompt then only lose bits, so
+        the ends are found by bisection: about log2(len) probes per distinct end instead of a probe per
+        block. Where the assumption fails (a hole inside a chain), the answer is an estimate."""
+        if not hashes:
+            return []
+        holders, predicted = self._holders.get, self._predicted.get
+        first = holders(hashes[0], 0) | predicted(hashes[0], 0)
+        if not first:
+            return []
+        n = len(hashes)
+        last = (holders(hashes[-1], 0) | predicted(hashes[-1], 0)) & first
+        ends = [(n, last)] if last else []
+        todo = [(0, first, n - 1, last)] if first != last else []
+        budget = max(16, n // 4)  # probes (Python) before a walk of every block (C) is cheaper
+        while todo:
+            lo, lo_mask, hi, hi_mask = todo.pop()  # bits of lo_mask & ~hi_mask end in (lo, hi]
+            if hi - lo == 1:
+                ends.append((hi, lo_mask & ~hi_mask))
+                continue
+            budget -= 1
+            if budget < 0:
+                return self._match_linear(hashes)
+            mid = (lo + hi) // 2
+            h = hashes[mid]
+            mid_mask = (holders(h, 0) | predicted(h, 0)) & lo_mask | hi_mask  # kept nested
+            if mid_mask != lo_mask:
+                todo.append((lo, lo_mask, mid, mid_mask))
+            if mid_mask != hi_mask:
+                todo.append((mid, mid_mask, hi, hi_mask))
+        return ends
+
+    def _match_linear(self, hashes: list[int]) -> list[tuple[int, int]]:
+        """`match_ends` by a probe per block (in C), stopping at the first block no worker caches."""
+        zeros = repeat(0)
+        masks = map(or_, map(self._holders.get, hashes, zeros), map(self._predicted.get, hashes, zeros))
+        # A subset is a smaller int: negated, the running AND is sorted, so each run's end is a bisection.
+        runs = list(map(neg, takewhile(bool, accumulate(masks, and_))))
+        ends, end, n = [], 0, len(runs)
+        while end < n:
+            mask = -runs[end]
+            end = bisect_right(runs, -mask, end)
+            ends.append((end, mask & ~-runs[end] if end < n else mask))
+        return ends
+
     def match(self, hashes: list[int], workers: list[str]) -> dict[str, int]:
         """Per worker, how many leading blocks of `hashes` it caches (indexed or predicted)."""
-        bits = {w: self._bit.get(w, 0) for w in workers}
-        live = 0
-        for b in bits.values():
-            live |= b
-        ended_at: dict[int, int] = {}  # bit -> matched blocks
-        holders, predicted = self._holders, self._predicted
-        for i, h in enumerate(hashes):
-            now_live = live & (holders.get(h, 0) | predicted.get(h, 0))
-            gone = live & ~now_live
-            while gone:
-                low = gone & -gone
-                ended_at[low] = i
-                gone ^= low
-            live = now_live
-            if not live:
-                break
-        return {w: ended_at.get(b, len(hashes)) if b else 0 for w, b in bits.items()}
+        found = self.match_all(hashes)
+        return {w: found.get(w, 0) for w in workers}
 
     def num_blocks(self, worker_id: str) -> int:
         return self._count.get(worker_id, 0)

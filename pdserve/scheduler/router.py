@@ -9,12 +9,14 @@ next reports arrive; a report supersedes the load decisions made before it was t
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import ray
 
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
-from pdserve.scheduler.policies import Candidate, DisaggConfig, WorkerView, decide_local_prefill, make_policy
+from pdserve.scheduler.policies import DisaggConfig, RoutingPolicy, WorkerView, decide_local_prefill, make_policy
+from pdserve.scheduler.pool import Pool
 from pdserve.scheduler.prefix_index import PrefixIndex
 
 
@@ -38,21 +40,32 @@ class RouterConfig:
 
 
 class Router:
-    def __init__(self, config: RouterConfig | None = None) -> None:
+    def __init__(self, config: RouterConfig | None = None, policy: RoutingPolicy | None = None) -> None:
         self.config = config = config or RouterConfig()
-        self.policy = make_policy(config.policy, block_size=config.block_size, **config.policy_options)
+        self.policy = policy or make_policy(config.policy, block_size=config.block_size, **config.policy_options)
         self.index = PrefixIndex(config.max_index_blocks)
         self.views: dict[str, WorkerView] = {}
-        self._pending: dict[str, list[tuple[float, int, int]]] = {}  # worker -> (time, tokens, blocks)
+        self.pools = {"prefill": Pool("prefill", self.policy), "decode": Pool("decode", self.policy)}
+        # worker -> (times, tokens, blocks) of the decisions since its last report, as parallel lists so a
+        # decision allocates no objects that outlive it (each would count toward the next GC pass)
+        self._pending: dict[str, tuple[list[float], list[int], list[int]]] = {}
         self.decisions: dict[tuple[str, str], int] = {}  # (placement reason, policy reason) -> count
 
     # ---- membership and reports ------------------------------------------------------------------
+    def _pool(self, view: WorkerView) -> Pool:
+        return self.pools["prefill" if view.role == "prefill" else "decode"]
+
     def register(self, worker_id: str, role: str) -> None:
-        self.views[worker_id] = WorkerView(worker_id, role)
-        self._pending[worker_id] = []
+        if worker_id in self.views:
+            self.remove(worker_id)
+        view = self.views[worker_id] = WorkerView(worker_id, role)
+        self._pending[worker_id] = ([], [], [])
+        self._pool(view).add(view, self.index.bit(worker_id))
 
     def remove(self, worker_id: str) -> None:
-        self.views.pop(worker_id, None)
+        view = self.views.pop(worker_id, None)
+        if view is not None:
+            self._pool(view).remove(worker_id)
         self._pending.pop(worker_id, None)
         self.index.remove_worker(worker_id)
 
@@ -67,73 +80,88 @@ class Router:
         view.num_running, view.num_waiting = stats.num_running, stats.num_waiting
         view.num_prefill_tokens_queued = stats.num_prefill_tokens_queued
         view.num_free_blocks, view.num_blocks, view.kv_usage = stats.num_free_blocks, stats.num_blocks, stats.kv_usage
-        pending = [p for p in self._pending[stats.worker_id] if p[0] > stats.time]
-        self._pending[stats.worker_id] = pending
-        view.pending_requests = len(pending)
-        view.pending_tokens = sum(p[1] for p in pending)
-        view.pending_blocks = sum(p[2] for p in pending)
+        times, tokens, blocks = self._pending[stats.worker_id]
+        taken = bisect_right(times, stats.time)  # decided before the report was taken: in it already
+        del times[:taken], tokens[:taken], blocks[:taken]
+        view.pending_requests, view.pending_tokens, view.pending_blocks = len(times), sum(tokens), sum(blocks)
         in_sync = True
         if events is not None:
             in_sync = self.index.apply(events.worker_id, events.epoch, events.seq, events.events)
         view.num_cached_blocks = self.index.num_blocks(stats.worker_id)
+        self._pool(view).update(view)
         self.index.expire_predictions()
         return in_sync
 
     def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
-        if worker_id in self.views:
+        view = self.views.get(worker_id)
+        if view is not None:
             self.index.resync(worker_id, epoch, seq, hashes)
-            self.views[worker_id].num_cached_blocks = self.index.num_blocks(worker_id)
+            view.num_cached_blocks = self.index.num_blocks(worker_id)
+            self._pool(view).update(view)
 
     # ---- decisions -------------------------------------------------------------------------------
     def _record(self, view: WorkerView, tokens: int, blocks: int) -> None:
-        self._pending[view.worker_id].append((time.time(), tokens, blocks))
+        times, pending_tokens, pending_blocks = self._pending[view.worker_id]
+        times.append(time.time())
+        pending_tokens.append(tokens)
+        pending_blocks.append(blocks)
         view.pending_requests += 1
         view.pending_tokens += tokens
         view.pending_blocks += blocks
-
-    def _open(self, pool: list[WorkerView]) -> list[WorkerView]:
-        return [w for w in pool if w.num_waiting + w.pending_requests < self.config.max_waiting_per_worker]
+        self._pool(view).update(view)
 
     def route(self, req: RouteRequest) -> Route:
         start = time.perf_counter()
-        bs = self.config.block_size
-        decode_pool = [w for w in self.views.values() if w.role in ("decode", "mixed")]
-        if not decode_pool:
-            raise NoCapacity("no decode or colocated worker is alive", retry_after=5.0, unavailable=True)
+        max_waiting, bs = self.config.max_waiting_per_worker, self.config.block_size
         need_blocks = -(-(req.num_prompt_tokens + 1) // bs)
-        open_decode = [
-            w for w in self._open(decode_pool) if not w.num_blocks or w.num_blocks - w.used_blocks >= need_blocks
-        ]
-        if not open_decode:
-            raise NoCapacity(f"all {len(decode_pool)} decode workers are full (queue or KV blocks)")
-        prefill_pool = [w for w in self.views.values() if w.role == "prefill"]
-        open_prefill = self._open(prefill_pool)
-        if prefill_pool and not open_prefill:
-            raise NoCapacity(f"all {len(prefill_pool)} prefill workers have full queues")
-        matched = self.index.match(req.block_hashes, [w.worker_id for w in open_decode + open_prefill])
-        cands = {
-            w.worker_id: Candidate(w, min(matched[w.worker_id] * bs, req.num_prompt_tokens - 1))
-            for w in open_decode + open_prefill
-        }
+        most = req.num_prompt_tokens - 1  # the last prompt token is always computed
+        decode_pool, prefill_pool = self.pools["decode"], self.pools["prefill"]
+        if not decode_pool.views:
+            raise NoCapacity("no decode or colocated worker is alive", retry_after=5.0, unavailable=True)
 
-        decode = self.policy.pick([cands[w.worker_id] for w in open_decode], req, "decode")
-        chosen = cands[decode.worker_id]
+        def admits_prefill(w: WorkerView) -> bool:
+            return w.num_waiting + w.pending_requests < max_waiting
+
+        def admits_decode(w: WorkerView) -> bool:
+            return admits_prefill(w) and (not w.num_blocks or w.num_blocks - w.used_blocks >= need_blocks)
+
+        def to_tokens(blocks: int) -> int:
+            return min(blocks * bs, most)
+
+        ends = self.index.match_ends(req.block_hashes)
+        decode_cands = decode_pool.candidates(admits_decode, ends, to_tokens)
+        if not decode_cands:
+            raise NoCapacity(f"all {len(decode_pool.views)} decode workers are full (queue or KV blocks)")
+        prefill_cands = prefill_pool.candidates(admits_prefill, ends, to_tokens)
+        if prefill_pool.views and not prefill_cands:
+            raise NoCapacity(f"all {len(prefill_pool.views)} prefill workers have full queues")
+
+        decode = self.policy.pick([c for c, _ in decode_cands], req, "decode")
+        chosen, decode_blocks = next(p for p in decode_cands if p[0].worker.worker_id == decode.worker_id)
         prefill = None
         if chosen.worker.role == "mixed":
             local, reason = True, "colocated"
         else:
-            best = min(open_prefill, key=lambda w: w.queued_tokens) if open_prefill else None
+            best = prefill_pool.least_queued(admits_prefill)
             local, reason = decide_local_prefill(chosen, best, req, self.config.disagg)
             if not local:
-                prefill = self.policy.pick([cands[w.worker_id] for w in open_prefill], req, "prefill")
-        filler = cands[prefill.worker_id] if prefill else chosen
-        uncached = req.num_prompt_tokens - filler.cached_tokens
-        self._record(filler.worker, uncached, need_blocks if filler is chosen else 0)
-        # Blocks before a worker's match are cached or predicted there already: predict the rest only.
-        if prefill is not None:
+                prefill = self.policy.pick([c for c, _ in prefill_cands], req, "prefill")
+        hashes, decode_bit = req.block_hashes, decode_pool.bits[decode.worker_id]
+        unheld = max((blocks for blocks, _ in ends), default=0)  # no worker caches the prompt from here
+        if prefill is None:
+            filler = chosen
+            self._record(chosen.worker, req.num_prompt_tokens - chosen.cached_tokens, need_blocks)
+            self.index.predict_mask(decode_bit, hashes, decode_blocks, unheld_from=unheld)
+        else:
+            filler, prefill_blocks = next(p for p in prefill_cands if p[0].worker.worker_id == prefill.worker_id)
+            self._record(filler.worker, req.num_prompt_tokens - filler.cached_tokens, 0)
             self._record(chosen.worker, 0, need_blocks)
-            self.index.predict(prefill.worker_id, req.block_hashes[matched[prefill.worker_id] :])
-        self.index.predict(decode.worker_id, req.block_hashes[matched[decode.worker_id] :])  # imports are cached
+            # Blocks before a worker's match are cached or predicted there already: predict the rest only.
+            # The decode worker caches the blocks it imports.
+            prefill_bit = prefill_pool.bits[prefill.worker_id]
+            (low, low_bit), (high, _) = sorted([(prefill_blocks, prefill_bit), (decode_blocks, decode_bit)])
+            self.index.predict_mask(low_bit, hashes, low, high, unheld_from=unheld)
+            self.index.predict_mask(prefill_bit | decode_bit, hashes, high, unheld_from=unheld)
         policy_reason = (prefill or decode).reason
         self.decisions[(reason, policy_reason)] = self.decisions.get((reason, policy_reason), 0) + 1
         return Route(

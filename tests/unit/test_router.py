@@ -1,5 +1,6 @@
 """Routing policies, the disaggregation decider and the Router (no Ray): table tests and behaviour."""
 
+import random
 import time
 
 import pytest
@@ -243,3 +244,86 @@ def test_colocated_workers_prefill_locally():
     r.report(stats("m0", "mixed"))
     route = r.route(req([1] * 40))
     assert route.prefill_worker is None and route.decode_worker == "m0" and route.reason == "colocated"
+
+
+# ---- the ranked fast path against its oracle ------------------------------------------------------
+def _random_router(rng, policy):
+    r = make_router(policy=policy, prefill=6, decode=5, max_waiting_per_worker=6)
+    prompts = [[rng.randrange(100) for _ in range(rng.randint(16, 160))] for _ in range(6)]
+    for wid in r.views:
+        chain = hashes(rng.choice(prompts))
+        held = chain[: rng.randint(0, len(chain))]  # a prefix of a chain: what an engine caches
+        batch = KVEventBatch(worker_id=wid, epoch="e", seq=2, events=[BlockStored(block_hashes=held, parent_hash=None)])
+        kw = dict(num_running=rng.randint(0, 8), num_waiting=rng.randint(0, 7), num_free_blocks=rng.randint(0, 200))
+        kw["num_prefill_tokens_queued"] = rng.choice([0, 0, 100, 5000])
+        r.report(stats(wid, r.views[wid].role, num_blocks=200, **kw), batch)
+    return r, prompts
+
+
+@pytest.mark.parametrize("policy", ["prefix_aware", "dynamo_kv_cost", "least_loaded"])
+def test_ranked_pools_pick_what_scoring_every_worker_picks(policy):
+    """The Router scores only the best-ranked worker and one per match length; the policy's pick over every
+    admissible worker is the oracle. Random loads, caches and prompts, with decisions recorded in between."""
+    rng = random.Random(7)
+    for trial in range(30):
+        r, prompts = _random_router(rng, policy)
+        oracle = make_policy(policy)
+        for i in range(12):
+            tokens = rng.choice(prompts)[: rng.randint(1, 160)] + [
+                rng.randrange(100) for _ in range(rng.randint(1, 40))
+            ]
+            rq = req(tokens, f"t{trial}-{i}")
+            found = r.index.match_all(rq.block_hashes)
+            need = -(-(rq.num_prompt_tokens + 1) // 16)
+            expected = {}
+            for pool in ("decode", "prefill"):
+                cands = [
+                    Candidate(v, min(found.get(v.worker_id, 0) * 16, rq.num_prompt_tokens - 1))
+                    for v in r.pools[pool].views.values()
+                    if v.num_waiting + v.pending_requests < 6
+                    and (pool == "prefill" or not v.num_blocks or v.num_blocks - v.used_blocks >= need)
+                ]
+                expected[pool] = oracle.pick(cands, rq, pool).worker_id if cands else None
+            try:
+                route = r.route(rq)
+            except NoCapacity:
+                assert expected["decode"] is None or (r.pools["prefill"].views and expected["prefill"] is None)
+                continue
+            assert route.decode_worker == expected["decode"]
+            if route.prefill_worker is not None:
+                assert route.prefill_worker == expected["prefill"]
+
+
+def test_bisection_match_equals_a_walk_of_every_block():
+    rng = random.Random(3)
+    r = make_router(prefill=8, decode=8)
+    chains = [hashes([rng.randrange(50) for _ in range(rng.randint(16, 4000))]) for _ in range(10)]
+    for wid in r.views:
+        events = [
+            BlockStored(block_hashes=c[: rng.randint(0, len(c))], parent_hash=None) for c in rng.sample(chains, 4)
+        ]
+        r.report(stats(wid, r.views[wid].role), KVEventBatch(worker_id=wid, epoch="e", seq=2, events=events))
+    r.index.predict("d3", chains[0])
+    for c in chains:
+        for n in (1, 2, 17, len(c)):
+            assert sorted(r.index.match_ends(c[:n])) == sorted(r.index._match_linear(c[:n]))
+            walk = {}
+            for wid in r.views:
+                k = 0
+                while k < n and wid in r.index.match_all(c[k : k + 1]):
+                    k += 1
+                if k:
+                    walk[wid] = k
+            assert r.index.match_all(c[:n]) == walk
+
+
+def test_predictions_expire_and_keep_other_workers_bits():
+    r = make_router()
+    chain = hashes(PREFIX)
+    r.index.predict("p1", chain[:30])
+    r.index.predict_mask(r.index.bit("p2"), chain, 20, unheld_from=30)
+    assert r.index.match_all(chain) == {"p1": 30}  # p2 lacks blocks 0-19, so its later blocks do not count
+    r.index.predict("p2", chain[:20])
+    assert r.index.match_all(chain) == {"p1": 30, "p2": 50}
+    r.index.expire_predictions(now=time.monotonic() + 60)
+    assert r.index.match_all(chain) == {}

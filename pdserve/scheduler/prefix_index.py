@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from itertools import accumulate, islice, repeat, takewhile
-from operator import and_, neg, or_
+from itertools import accumulate, compress, islice, repeat, takewhile
+from operator import and_, neg, not_, or_
 
 from pdserve.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -28,7 +28,6 @@ class PrefixIndex:
         # One entry per prediction: (expiry time, mask, hashes, start, end), as parallel deques so routing
         # allocates no objects that outlive the decision (each would count toward the next GC pass).
         self._expiry: tuple[deque, ...] = (deque(), deque(), deque(), deque(), deque())
-        self._stale = 0  # zero masks left in _predicted by expiries (swept in bulk)
         self._bit: dict[str, int] = {}
         self._worker: dict[int, str] = {}  # bit -> worker id
         self._count: dict[str, int] = {}  # blocks indexed per worker
@@ -57,11 +56,9 @@ class PrefixIndex:
         bit = self._bit_of(worker_id)
         for event in events:
             if isinstance(event, BlockStored):
-                for h in event.block_hashes:
-                    self._add(worker_id, bit, h)
+                self._store(worker_id, bit, event.block_hashes)
             elif isinstance(event, BlockRemoved):
-                for h in event.block_hashes:
-                    self._discard(worker_id, bit, h)
+                self._remove(worker_id, bit, event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
                 self._drop_entries(worker_id, bit)
         return True
@@ -70,8 +67,7 @@ class PrefixIndex:
         """Replace a worker's entries with a snapshot taken at (epoch, seq)."""
         bit = self._bit_of(worker_id)
         self._drop_entries(worker_id, bit)
-        for h in hashes:
-            self._add(worker_id, bit, h)
+        self._store(worker_id, bit, hashes)
         self._stream[worker_id] = (epoch, seq)
 
     def remove_worker(self, worker_id: str) -> None:
@@ -79,8 +75,7 @@ class PrefixIndex:
         if bit is not None:
             self._worker.pop(bit, None)
             self._drop_entries(worker_id, bit)
-            for h in [h for h, m in self._predicted.items() if m & bit]:
-                self._unpredict(bit, h)
+            self._unpredict(bit, [h for h, m in self._predicted.items() if m & bit])
             times, masks, *rest = self._expiry  # the bit may be given to a new worker: its predictions end here
             self._expiry = (times, deque(m & ~bit for m in masks), *rest)
         self._stream.pop(worker_id, None)
@@ -119,16 +114,10 @@ class PrefixIndex:
 
     def expire_predictions(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        predicted, (times, masks, lists, starts, ends) = self._predicted, self._expiry
+        times, masks, lists, starts, ends = self._expiry
         while times and times[0] <= now:
             times.popleft()
-            keep, hashes, start, end = ~masks.popleft(), lists.popleft(), starts.popleft(), ends.popleft()
-            masked = map(and_, map(predicted.get, islice(hashes, start, end), repeat(0)), repeat(keep))
-            predicted.update(zip(islice(hashes, start, end), masked))
-            self._stale += end - start
-        if self._stale > max(4096, len(predicted)):
-            self._predicted = {h: m for h, m in predicted.items() if m}
-            self._stale = 0
+            self._unpredict(masks.popleft(), islice(lists.popleft(), starts.popleft(), ends.popleft()))
 
     # ---- queries ---------------------------------------------------------------------------------
     def match_all(self, hashes: list[int]) -> dict[str, int]:
@@ -203,20 +192,25 @@ class PrefixIndex:
         return len(self._holders)
 
     # ---- internals -------------------------------------------------------------------------------
-    def _add(self, worker_id: str, bit: int, h: int) -> None:
-        mask = self._holders.get(h)
-        if mask is None:
-            self._holders[h] = bit
-            self._count[worker_id] += 1
-            if len(self._holders) > self.max_blocks:
-                self._evict_oldest()
-        else:
-            self._holders.move_to_end(h)
-            if not mask & bit:
-                self._holders[h] = mask | bit
-                self._count[worker_id] += 1
-        if self._predicted.get(h, 0) & bit:
-            self._unpredict(bit, h)
+    # Events are applied a batch of hashes at a time with the loops in C (map, compress, dict.update): a
+    # report's events cost about as much as the decisions made between two reports.
+    def _store(self, worker_id: str, bit: int, hashes: list[int]) -> None:
+        holders = self._holders
+        old = list(map(holders.get, hashes, repeat(0)))
+        self._count[worker_id] += len(old) - sum(map(bool, map(and_, old, repeat(bit))))
+        holders.update(zip(hashes, map(or_, old, repeat(bit))))
+        deque(map(holders.move_to_end, hashes), maxlen=0)  # most recently used
+        for _ in range(len(holders) - self.max_blocks):
+            self._evict_oldest()
+        self._unpredict(bit, hashes)  # confirmed
+
+    def _remove(self, worker_id: str, bit: int, hashes: list[int]) -> None:
+        holders = self._holders
+        old = list(map(holders.get, hashes, repeat(0)))
+        held = list(compress(zip(hashes, old), map(and_, old, repeat(bit))))
+        self._count[worker_id] -= len(held)
+        holders.update((h, m & ~bit) for h, m in held if m != bit)
+        deque(map(holders.__delitem__, (h for h, m in held if m == bit)), maxlen=0)
 
     def _evict_oldest(self) -> None:
         _, mask = self._holders.popitem(last=False)
@@ -234,12 +228,13 @@ class PrefixIndex:
             else:
                 self._holders[h] = mask & ~bit
 
-    def _unpredict(self, bit: int, h: int) -> None:
-        mask = self._predicted.get(h, 0) & ~bit
-        if mask:
-            self._predicted[h] = mask
-        else:
-            self._predicted.pop(h, None)
+    def _unpredict(self, mask: int, hashes) -> None:
+        """Take the bits of `mask` off these hashes' predictions; an entry left with none is deleted."""
+        predicted, hashes = self._predicted, list(hashes)
+        old = list(map(predicted.get, hashes, repeat(0)))
+        present, after = list(compress(hashes, old)), list(map(and_, compress(old, old), repeat(~mask)))
+        predicted.update(compress(zip(present, after), after))
+        deque(map(predicted.__delitem__, compress(present, map(not_, after))), maxlen=0)
 
     def _drop_entries(self, worker_id: str, bit: int) -> None:
         for h in [h for h, m in self._holders.items() if m & bit]:

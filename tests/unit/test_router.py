@@ -327,3 +327,30 @@ def test_predictions_expire_and_keep_other_workers_bits():
     assert r.index.match_all(chain) == {"p1": 30, "p2": 50}
     r.index.expire_predictions(now=time.monotonic() + 60)
     assert r.index.match_all(chain) == {}
+
+
+def test_counts_and_bound_stay_exact_under_random_events():
+    from pdserve.protocol import BlockRemoved
+
+    rng = random.Random(5)
+    r = make_router(prefill=3, decode=3, max_index_blocks=300)
+    chains = [hashes([rng.randrange(30) for _ in range(rng.randint(16, 1600))]) for _ in range(12)]
+    seqs = dict.fromkeys(r.views, 1)
+    for _ in range(200):
+        wid = rng.choice(list(r.views))
+        c = rng.choice(chains)
+        a, b = sorted(rng.sample(range(len(c) + 1), 2))
+        event = (
+            BlockStored(block_hashes=c[a:b], parent_hash=None)
+            if rng.random() < 0.6
+            else BlockRemoved(block_hashes=c[a:b])
+        )
+        seqs[wid] += 1
+        assert r.report(
+            stats(wid, r.views[wid].role), KVEventBatch(worker_id=wid, epoch="e", seq=seqs[wid], events=[event])
+        )
+        assert len(r.index) <= 300 and all(m for m in r.index._holders.values())
+        for w in r.views:
+            bit = r.index.bit(w)
+            assert r.index.num_blocks(w) == sum(1 for m in r.index._holders.values() if m & bit)
+            assert r.views[w].num_cached_blocks == r.index.num_blocks(w) or w != wid

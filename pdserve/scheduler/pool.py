@@ -18,20 +18,23 @@ class Pool:
         self.policy = policy if getattr(policy, "ranked", False) else None
         self.views: dict[str, WorkerView] = {}
         self.bits: dict[str, int] = {}
+        self._ids: dict[int, str] = {}  # bit -> worker id
         self.mask = 0
         self._order: list[tuple] = []  # (worker cost, tiebreak, view, bit); tiebreak ends with the worker id
         self._keys: dict[str, tuple] = {}
-        self._by_queue: list[tuple] = []  # (queued prompt tokens, worker id, view), for the disaggregation decider
+        self._by_queue: list[tuple] = []  # prefill pool: (queued prompt tokens, worker id, view), for the decider
         self._queue_keys: dict[str, tuple] = {}
 
     def add(self, view: WorkerView, bit: int) -> None:
-        self.views[view.worker_id], self.bits[view.worker_id] = view, bit
+        self.views[view.worker_id], self.bits[view.worker_id], self._ids[bit] = view, bit, view.worker_id
         self.mask |= bit
         self.update(view)
 
     def remove(self, worker_id: str) -> None:
         self.views.pop(worker_id, None)
-        self.mask &= ~self.bits.pop(worker_id, 0)
+        bit = self.bits.pop(worker_id, 0)
+        self._ids.pop(bit, None)
+        self.mask &= ~bit
         key = self._keys.pop(worker_id, None)
         if key is not None:
             del self._order[bisect_left(self._order, key)]
@@ -40,13 +43,14 @@ class Pool:
             del self._by_queue[bisect_left(self._by_queue, key)]
 
     def update(self, view: WorkerView) -> None:
-        key = (view.queued_tokens, view.worker_id, view)
-        old = self._queue_keys.get(view.worker_id)
-        if old != key:
-            if old is not None:
-                del self._by_queue[bisect_left(self._by_queue, old)]
-            insort(self._by_queue, key)
-            self._queue_keys[view.worker_id] = key
+        if self.name == "prefill":
+            key = (view.queued_tokens, view.worker_id, view)
+            old = self._queue_keys.get(view.worker_id)
+            if old != key:
+                if old is not None:
+                    del self._by_queue[bisect_left(self._by_queue, old)]
+                insort(self._by_queue, key)
+                self._queue_keys[view.worker_id] = key
         if self.policy is None:
             return
         cost, tiebreak = self.policy.worker_cost(view, self.name), self.policy.tiebreak(view, self.name)
@@ -61,9 +65,13 @@ class Pool:
     def first(self, admits, among: int = -1) -> WorkerView | None:
         """The lowest-ranked worker (of those in the mask `among`) that `admits`."""
         if among > 0 and among.bit_count() <= 3:  # a few (-1: all): compare their keys
-            keys = self._keys
-            members = [keys[w] for w, b in self.bits.items() if b & among]
-            return min((k for k in members if admits(k[2])), default=(None, None, None))[2]
+            keys, ids, members = self._keys, self._ids, []
+            while among:
+                low = among & -among
+                among ^= low
+                if admits((key := keys[ids[low]])[2]):
+                    members.append(key)
+            return min(members)[2] if members else None
         for _, _, view, bit in self._order:
             if bit & among and admits(view):
                 return view

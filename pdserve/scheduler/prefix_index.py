@@ -99,7 +99,7 @@ class PrefixIndex:
         no worker caches the prompt (the longest match), so those entries are written without reading
         them first. (The router predicts the blocks past each worker's match, so they are almost never
         confirmed there already.)"""
-        end = len(hashes) if end is None else end
+        end = len(hashes) if end is None else min(end, len(hashes))
         if start >= end or not mask:
             return
         predicted = self._predicted

@@ -37,6 +37,10 @@ class RouterConfig:
     max_waiting_per_worker: int = 64
     max_index_blocks: int = 1_000_000
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    # A decision predicts at most this many blocks past each chosen worker's match (0: no limit): enough
+    # for a burst to see where its shared prefix went, while the cost of a decision stops growing with the
+    # prompt. The workers' own events index the rest a report later.
+    max_predicted_blocks: int = 64
 
 
 class Router:
@@ -148,20 +152,22 @@ class Router:
                 prefill = self.policy.pick([c for c, _ in prefill_cands], req, "prefill")
         hashes, decode_bit = req.block_hashes, decode_pool.bits[decode.worker_id]
         unheld = max((blocks for blocks, _ in ends), default=0)  # no worker caches the prompt from here
+        limit = self.config.max_predicted_blocks or len(hashes)
+        # Blocks before a worker's match are cached or predicted there already: predict from there on.
         if prefill is None:
             filler = chosen
             self._record(chosen.worker, req.num_prompt_tokens - chosen.cached_tokens, need_blocks)
-            self.index.predict_mask(decode_bit, hashes, decode_blocks, unheld_from=unheld)
+            self.index.predict_mask(decode_bit, hashes, decode_blocks, decode_blocks + limit, unheld)
         else:
             filler, prefill_blocks = next(p for p in prefill_cands if p[0].worker.worker_id == prefill.worker_id)
             self._record(filler.worker, req.num_prompt_tokens - filler.cached_tokens, 0)
             self._record(chosen.worker, 0, need_blocks)
-            # Blocks before a worker's match are cached or predicted there already: predict the rest only.
-            # The decode worker caches the blocks it imports.
-            prefill_bit = prefill_pool.bits[prefill.worker_id]
-            (low, low_bit), (high, _) = sorted([(prefill_blocks, prefill_bit), (decode_blocks, decode_bit)])
-            self.index.predict_mask(low_bit, hashes, low, high, unheld_from=unheld)
-            self.index.predict_mask(prefill_bit | decode_bit, hashes, high, unheld_from=unheld)
+            prefill_bit = prefill_pool.bits[prefill.worker_id]  # and the decode worker caches what it imports
+            if prefill_blocks == decode_blocks:
+                self.index.predict_mask(prefill_bit | decode_bit, hashes, decode_blocks, decode_blocks + limit, unheld)
+            else:
+                self.index.predict_mask(prefill_bit, hashes, prefill_blocks, prefill_blocks + limit, unheld)
+                self.index.predict_mask(decode_bit, hashes, decode_blocks, decode_blocks + limit, unheld)
         policy_reason = (prefill or decode).reason
         self.decisions[(reason, policy_reason)] = self.decisions.get((reason, policy_reason), 0) + 1
         return Route(

@@ -354,3 +354,15 @@ def test_counts_and_bound_stay_exact_under_random_events():
             bit = r.index.bit(w)
             assert r.index.num_blocks(w) == sum(1 for m in r.index._holders.values() if m & bit)
             assert r.views[w].num_cached_blocks == r.index.num_blocks(w) or w != wid
+
+
+def test_a_decision_predicts_a_bounded_number_of_blocks():
+    r = make_router(max_predicted_blocks=64)
+    long_prompt = list(range(3200))  # 200 blocks, cached nowhere
+    route = r.route(req(long_prompt))
+    assert len(r.index._predicted) == 64  # prefill and decode worker share the entries (one mask)
+    chosen = route.prefill_worker or route.decode_worker
+    assert r.index.match_all(hashes(long_prompt))[chosen] == 64
+    unbounded = make_router(max_predicted_blocks=0)
+    unbounded.route(req(long_prompt))
+    assert len(unbounded.index._predicted) == 200

@@ -8,27 +8,23 @@ from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangC
 
 
 class PrefixAwareQueue(PrefixAware):
-    """`pa_queue`: reweighs the prompt tokens queued for prefill on a decode-pool worker. pdserve's
-    `prefix_aware` (which adopted this study's proposal) counts them with weight 1 on decode workers and 0
-    on mixed ones; `decode_queue_weight` / `mixed_queue_weight` set other weights, and `uncached_weight`
-    (> 1 values a hit above queueing) reweighs the prefill cost's uncached suffix. Defaults equal pdserve's."""
+    """`pa_queue`: reweighs prefix_aware's terms. pdserve's `prefix_aware` takes `decode_queue_weight` and
+    `mixed_queue_weight` itself (the weights of prompt tokens queued for prefill on a decode-pool worker,
+    1 and 0.25, both adopted from this study); `uncached_weight` (> 1 values a hit above queueing)
+    reweighs the prefill cost's uncached suffix. Defaults equal pdserve's."""
 
     name = "pa_queue"
 
-    def __init__(
-        self, decode_queue_weight: float = 1.0, mixed_queue_weight: float = 0.0, uncached_weight: float = 1.0, **options
-    ) -> None:
+    def __init__(self, uncached_weight: float = 1.0, **options) -> None:
         super().__init__(**options)
-        self.ranked = False  # its cost() adds terms that the Router's ranked pools do not see
-        self.decode_queue_weight, self.mixed_queue_weight = decode_queue_weight, mixed_queue_weight
+        self.ranked = False  # its cost() adds a term that the Router's ranked pools do not see
         self.uncached_weight = uncached_weight
 
     def cost(self, c: Candidate, request, pool: str) -> float:
         base = super().cost(c, request, pool)
         if pool == "prefill":
             return base + (self.uncached_weight - 1) * (request.num_prompt_tokens - c.cached_tokens)
-        extra = self.decode_queue_weight - 1 if c.worker.role == "decode" else self.mixed_queue_weight
-        return base + extra * c.worker.queued_tokens
+        return base
 
 
 class SGLangFresh(SGLangCacheAware):

@@ -203,7 +203,12 @@ class SimWorker:
 
     # ---- reports ---------------------------------------------------------------------------------
     def stats(self, now: float) -> WorkerStats:
-        queued = sum(r.trace.num_prompt_tokens for r in self.waiting)  # the engine counts unmatched prompts whole
+        bs = self.bs  # as the engine does: a waiting prompt less the prefix this cache holds now
+        queued = sum(
+            r.trace.num_prompt_tokens
+            - bs * self.cache.match(r.trace.block_hashes[: (r.trace.num_prompt_tokens - 1) // bs])
+            for r in self.waiting
+        )
         queued += sum(r.trace.num_prompt_tokens - r.computed for r in self.prefilling)
         free = self.cache.num_free
         return WorkerStats(

@@ -260,9 +260,7 @@ class LLMEngine:
     def stats(self) -> dict:
         """Load numbers for the worker's report (plain values; the worker wraps them in WorkerStats)."""
         sched = self.scheduler
-        queued = sum(
-            r.num_tokens - r.num_computed_tokens for r in [*sched.waiting, *sched.running] if not r.output_token_ids
-        )
+        queued = sum(self._prefill_left(r) for r in [*sched.waiting, *sched.running] if not r.output_token_ids)
         return {
             "num_running": len(sched.running),
             "num_waiting": len(sched.waiting),
@@ -272,6 +270,15 @@ class LLMEngine:
             "kv_usage": self.blocks.usage,
             "num_prefill_tokens_queued": queued,
         }
+
+    def _prefill_left(self, req: Request) -> int:
+        """Prompt tokens this engine still has to compute for `req`; for a request not yet scheduled, less
+        the prefix its cache holds now (as scheduling it would reuse, unless evicted first)."""
+        if req.num_computed_tokens or not self.blocks.enable_prefix_caching:
+            return req.num_tokens - req.num_computed_tokens
+        bs = self.blocks.block_size
+        hashes = req.update_hashes(bs, self.root)
+        return req.num_tokens - len(self.blocks.cached_prefix(hashes[: (req.num_tokens - 1) // bs])) * bs
 
 
 def _role(role: Role | str) -> Role:

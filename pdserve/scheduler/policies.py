@@ -135,9 +135,10 @@ class PrefixAware(CostPolicy):
     """Cost in prompt-token units. Prefill: tokens this worker must compute for the request (uncached
     suffix) plus prompt tokens already queued there, plus `request_overhead_tokens` per queued request.
     Decode: running sequences (each worth `decode_seq_tokens`), KV usage (a full cache is worth
-    `kv_full_tokens`) and, on a decode-role worker, prompt tokens queued there for local prefill, minus the
-    prompt it caches (a local prefill, if the decider picks one, is cheaper). Equal costs go to the worker
-    with the fewest cached and pending blocks, so an idle pool spreads its caches instead of filling one.
+    `kv_full_tokens`) and prompt tokens queued there for prefill (weighted `decode_queue_weight` on a
+    decode worker, where they are local prefills the decider sent, and `mixed_queue_weight` on a colocated
+    one), minus the prompt it caches (a local prefill, if the decider picks one, is cheaper). Equal costs go
+    to the worker with the fewest cached and pending blocks, so an idle pool spreads its caches.
     A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties (then unranked: every
     candidate's cost is needed)."""
 
@@ -149,10 +150,13 @@ class PrefixAware(CostPolicy):
         request_overhead_tokens: int = 32,
         decode_seq_tokens: int = 64,
         kv_full_tokens: int = 4096,
+        decode_queue_weight: float = 1.0,
+        mixed_queue_weight: float = 0.25,
         seed: int = 0,
         **_,
     ) -> None:
         self.temperature = temperature
+        self.queue_weight = {"decode": decode_queue_weight, "mixed": mixed_queue_weight}
         self.ranked = temperature <= 0
         self.request_overhead_tokens = request_overhead_tokens
         self.decode_seq_tokens = decode_seq_tokens
@@ -162,7 +166,7 @@ class PrefixAware(CostPolicy):
     def worker_cost(self, w: WorkerView, pool: str) -> float:
         if pool == "prefill":
             return w.queued_tokens + self.request_overhead_tokens * (w.num_waiting + w.pending_requests)
-        queued = w.queued_tokens if w.role == "decode" else 0  # local prefills the decider sent here
+        queued = self.queue_weight[w.role] * w.queued_tokens
         return self.decode_seq_tokens * w.load + self.kv_full_tokens * w.used_blocks / max(1, w.num_blocks) + queued
 
     def request_cost(self, cached_tokens: int, request: RouteRequest, pool: str) -> float:

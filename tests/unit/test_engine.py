@@ -219,3 +219,19 @@ def _cfg(**kw):
 
     kw.setdefault("num_kv_blocks", 256)
     return EngineConfig(**kw)
+
+
+def test_queued_prefill_tokens_leave_out_the_cached_prefix():
+    """The load report counts the prompt tokens still to compute: a waiting request whose prefix is cached
+    counts only its suffix (the router's prefill cost reads this number)."""
+    eng = LLMEngine(_cfg())
+    shared = prompt(100)
+    eng.add_request("a", shared + [1, 2, 3], GREEDY)
+    run_to_end(eng, ["a"])
+    assert eng.stats()["num_prefill_tokens_queued"] == 0
+    eng.add_request("b", shared + [9, 8, 7, 6, 5], GREEDY)  # 105 tokens, 96 of them cached
+    eng.add_request("c", prompt(50, 3), GREEDY)  # nothing cached
+    assert eng.stats()["num_prefill_tokens_queued"] == (105 - 96) + 50
+    out = run_to_end(eng, ["b", "c"])
+    assert all(len(v) == GREEDY.max_tokens for v in out.values())
+    eng.blocks.check_no_leak()

@@ -46,8 +46,10 @@ CASES = [
     (PrefixAware(), "decode", [cand("a", num_running=8), cand("b", num_running=2)], "b"),
     (PrefixAware(), "decode", [cand("a", num_running=2, num_free_blocks=100), cand("b", num_running=2)], "b"),
     (PrefixAware(), "decode", [cand("a", num_running=2), cand("b", 960, num_running=3)], "b"),  # prefix outweighs
-    # local prefills already queued on a decode worker count against it
+    # local prefills already queued on a decode worker count against it; on a colocated worker, a quarter
     (PrefixAware(), "decode", [cand("a", num_prefill_tokens_queued=3000), cand("b", num_running=5)], "b"),
+    (PrefixAware(), "decode", [cand("a", role="mixed", num_prefill_tokens_queued=1000), cand("b", num_running=5)], "a"),
+    (PrefixAware(), "decode", [cand("a", role="mixed", num_prefill_tokens_queued=2000), cand("b", num_running=5)], "b"),
     # equal costs: the worker with fewer cached blocks, so an idle pool spreads its caches
     (PrefixAware(), "prefill", [cand("a", num_cached_blocks=40), cand("b", num_cached_blocks=3)], "b"),
     (SGLangCacheAware(), "prefill", [cand("a", 400), cand("b", 100)], "a"),  # ratio 0.4 > 0.3

@@ -71,7 +71,7 @@ def test_decode_run_matches_single_steps():
     assert abs(MODEL.decode_run_s(steps, batch, ctx) - single) < 1e-12
 
 
-def test_pa_queue_counts_local_prefills_on_decode_workers_only():
+def test_queued_prefills_weigh_fully_on_decode_workers_and_a_quarter_on_colocated_ones():
     from bench.sim.variants import make_variant
     from pdserve.protocol import RouteRequest
     from pdserve.scheduler.policies import Candidate, WorkerView
@@ -79,7 +79,8 @@ def test_pa_queue_counts_local_prefills_on_decode_workers_only():
     req = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
     views = {n: dict(num_blocks=100, num_free_blocks=100) for n in "ab"}
     for role, expected in (("decode", "b"), ("mixed", "a")):
-        a = Candidate(WorkerView("a", role, num_prefill_tokens_queued=5000, **views["a"]), 0)
-        b = Candidate(WorkerView("b", role, num_running=3, **views["b"]), 0)
+        a = Candidate(WorkerView("a", role, num_prefill_tokens_queued=500, **views["a"]), 0)  # 500 or 125
+        b = Candidate(WorkerView("b", role, num_running=3, **views["b"]), 0)  # 3 x 64
         assert make_variant("pa_queue").pick([a, b], req, "decode").worker_id == expected
+        assert make_variant("pa_queue", mixed_queue_weight=0).pick([a, b], req, "decode").worker_id == expected
     assert make_variant("prefix_aware") is None  # pdserve's own policies are built by the Router

@@ -7,179 +7,33 @@ load and KV events (BlockStored / BlockRemoved) every `--report-every` decisions
 as a real worker reporting every 0.2 s would at ~2,000 decisions/s. A warm-up fills the index to
 `--index-blocks` before anything is timed.
 
-(a) in-process `Router.route()` latency per policy, with its phases (`index.match_ends`, each pool's
-candidates and the policy's pick over them) timed alone;
-(b) `GlobalScheduler` actor throughput: sequential `route.remote`, 64 in flight, `route_batch` via the API
-server's RouteBatcher. `--profile` prints a cProfile of in-process routing.
+(a) in-process `Router.route()` latency per policy, `--repeat` runs each with the policies alternating
+(medians reported), with its phases (`index.match_ends`, each pool's candidates and the policy's pick
+over them) timed alone; `--batches 1,32` also times decisions back to back, as a route_batch call runs them;
+(b) `GlobalScheduler` actor throughput (scheduler_actor.py): sequential `route.remote`, 64 in flight,
+`route_batch` via the API server's RouteBatcher. `--profile` prints a cProfile of in-process routing.
+The workload and the simulated workers are in scheduler_harness.py.
 
-    python bench/scheduler.py [--requests 20000] [--quick] [--profile]
+    cd bench && python scheduler.py [--requests 20000] [--repeat 3] [--batches 1,32] [--quick] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import gc
 import os
 import pstats
-import random
 import time
-from collections import OrderedDict, deque
 
 import numpy as np
 from common import print_table, write_json
+from scheduler_actor import run_actor
+from scheduler_harness import BS, GCPauses, SimWorkers, pct_us, workload
 
-from pdserve.hashing import block_hashes, root_hash
-from pdserve.protocol import BlockRemoved, BlockStored, KVEventBatch, RouteRequest, WorkerStats
+from pdserve.protocol import RouteRequest
 from pdserve.scheduler.policies import POLICIES
 from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
-
-BS = 16
-MAX_BLOCKS = 256
-
-
-# ---- workload -------------------------------------------------------------------------------------------
-
-
-def workload(n: int, seed: int, conversations: int = 1000, vocab: int = 32000) -> list[RouteRequest]:
-    """`n` requests: 75% the next turn of an open chat, 20% a new chat on a (Zipf-popular) system prompt,
-    5% a one-off prompt. A chat state is (block hashes, tail tokens not filling a block)."""
-    rng = random.Random(seed)
-    root = root_hash("bench-scheduler")
-
-    def extend(state, n_tokens):
-        hashes, tail = state
-        tokens = tail + [rng.randrange(4, vocab) for _ in range(n_tokens)]
-        new = block_hashes(tokens, BS, hashes[-1] if hashes else root)
-        return hashes + new, tokens[len(new) * BS :]
-
-    systems = [extend(([], []), rng.randint(512, 1024)) for _ in range(64)]
-    weights = [1 / (i + 1) for i in range(len(systems))]
-    chats: list[tuple[list[int], list[int]]] = []
-    reqs = []
-    for i in range(n):
-        u = rng.random()
-        if u < 0.05:
-            state = extend(([], []), rng.randint(16, MAX_BLOCKS) * BS)
-        elif u < 0.25 or len(chats) < conversations // 4:
-            state = extend(rng.choices(systems, weights)[0], rng.randint(32, 512))
-            if len(chats) < conversations:
-                chats.append(state)
-            else:
-                chats[rng.randrange(len(chats))] = state
-        else:
-            j = rng.randrange(len(chats))
-            state = extend(chats[j], rng.randint(64, 512) + rng.randint(32, 256))  # answer + user message
-            if len(state[0]) > MAX_BLOCKS:  # too long: the chat ends, a new one starts on its system prompt
-                state = extend(rng.choices(systems, weights)[0], rng.randint(32, 512))
-            chats[j] = state
-        hashes, tail = state
-        reqs.append(
-            RouteRequest(
-                request_id=f"r{i}", num_prompt_tokens=len(hashes) * BS + len(tail), max_tokens=256, block_hashes=hashes
-            )
-        )
-    return reqs
-
-
-# ---- simulated workers ----------------------------------------------------------------------------------
-
-
-class SimWorkers:
-    """The workers' half of the protocol: each caches the blocks of the requests placed on it (LRU,
-    prefix-first, so a chain is evicted from its tail) and reports load plus its new KV events."""
-
-    def __init__(self, prefill: int, decode: int, capacity: int, seed: int = 0) -> None:
-        self.roles = {f"p{i:02d}": "prefill" for i in range(prefill)} | {f"d{i:02d}": "decode" for i in range(decode)}
-        self.capacity = capacity
-        self.cache = {w: OrderedDict() for w in self.roles}
-        self.events: dict[str, list] = {w: [] for w in self.roles}
-        self.seq = dict.fromkeys(self.roles, 1)  # seq 1 asked for the resync done in `handshake`
-        self.order = list(self.roles)
-        self.next = 0
-        self.rng = random.Random(seed)
-
-    def handshake(self, report, resync) -> None:
-        for w in self.roles:
-            if not report(self.stats(w), KVEventBatch(worker_id=w, epoch="e", seq=1, events=[])):
-                resync(w, "e", 1, [])
-
-    def place(self, req: RouteRequest, route) -> None:
-        if isinstance(route, NoCapacity):
-            return
-        self._store(route.prefill_worker or route.decode_worker, req.block_hashes)
-        if route.prefill_worker:
-            self._store(route.decode_worker, req.block_hashes)  # the decode worker caches the import too
-
-    def _store(self, w: str, hashes: list[int]) -> None:
-        cache = self.cache[w]
-        new = [h for h in hashes if h not in cache]
-        for h in reversed(hashes):  # the prefix ends up most recently used
-            cache[h] = None
-            cache.move_to_end(h)
-        if new:
-            self.events[w].append(BlockStored(block_hashes=new, parent_hash=None))
-        if len(cache) > self.capacity:
-            gone = [cache.popitem(last=False)[0] for _ in range(len(cache) - self.capacity)]
-            self.events[w].append(BlockRemoved(block_hashes=gone))
-
-    def stats(self, w: str) -> WorkerStats:
-        running, waiting = self.rng.randint(0, 16), self.rng.randint(0, 4)
-        total = 4 * self.capacity
-        return WorkerStats(
-            worker_id=w,
-            role=self.roles[w],
-            num_running=running,
-            num_waiting=waiting,
-            num_held=0,
-            num_free_blocks=total - len(self.cache[w]) - 128 * running,
-            num_blocks=total,
-            kv_usage=(len(self.cache[w]) + 128 * running) / total,
-            num_prefill_tokens_queued=waiting * 1024 if self.roles[w] == "prefill" else 0,
-            time=time.time(),
-        )
-
-    def next_report(self) -> tuple[WorkerStats, KVEventBatch]:
-        w = self.order[self.next % len(self.order)]
-        self.next += 1
-        self.seq[w] += 1
-        batch = KVEventBatch(worker_id=w, epoch="e", seq=self.seq[w], events=self.events[w])
-        self.events[w] = []
-        return self.stats(w), batch
-
-
-class GCPauses:
-    """Full (generation 2) collections while active, and how long each paused the process."""
-
-    def __init__(self) -> None:
-        self.pauses, self._start, self.active = [], 0.0, False
-
-    def __call__(self, phase, info) -> None:
-        if not self.active or info["generation"] != 2:
-            return
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.pauses.append(time.perf_counter() - self._start)
-
-    def __enter__(self):
-        self.pauses, self.active = [], True
-        gc.callbacks.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.active = False
-        gc.callbacks.remove(self)
-
-    def summary(self) -> dict:
-        return {"count": len(self.pauses), "max_ms": 1000 * max(self.pauses, default=0.0)}
-
-
-def pct_us(ns) -> dict:
-    p50, p90, p99, p999 = np.percentile(np.asarray(ns) / 1000, [50, 90, 99, 99.9]).tolist()
-    return {"p50": p50, "p90": p90, "p99": p99, "p99.9": p999, "mean": float(np.mean(ns)) / 1000}
-
 
 # ---- (a) in process -------------------------------------------------------------------------------------
 
@@ -273,124 +127,6 @@ def _breakdown(router: Router, reqs: list[RouteRequest]) -> dict:
         "pick_us": {p: pct_us(ns) for p, ns in pick_ns.items()},
         "scored_mean": {p: float(np.mean(n)) for p, n in scored.items()},
     }
-
-
-# ---- (b) through the actor ------------------------------------------------------------------------------
-
-
-def run_actor(warm, timed, args) -> dict:
-    import ray
-
-    from pdserve.cluster.backend import RouteBatcher
-    from pdserve.scheduler.router import GlobalScheduler
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        sched = GlobalScheduler.remote(
-            RouterConfig(policy=args.actor_policy, block_size=BS, max_index_blocks=args.index_blocks)
-        )
-        sim = SimWorkers(args.prefill, args.decode, args.worker_blocks)
-        ray.get(sched.register.remote(list(sim.roles.items())))
-        sim.handshake(lambda s, b: ray.get(sched.report.remote(s, b)), lambda *a: ray.get(sched.resync.remote(*a)))
-        reports, count, busy = [], [0], [0.0]
-
-        def routed(req, route):
-            sim.place(req, route)
-            count[0] += 1
-            busy[0] += getattr(route, "decision_s", 0.0)
-            if count[0] % args.report_every == 0:
-                reports.append(sched.report.remote(*sim.next_report()))  # fire and forget, checked below
-
-        for start in range(0, len(warm), 256):
-            chunk = warm[start : start + 256]
-            for req, route in zip(chunk, ray.get(sched.route_batch.remote(chunk))):
-                routed(req, route)
-        ray.get(sched.snapshot.remote())
-        n = args.actor_requests
-        parts = [timed[k * n : (k + 1) * n] for k in range(3)]
-        modes = {}
-
-        def sequential(reqs):
-            lat = []
-            for req in reqs:
-                t0 = time.perf_counter_ns()
-                route = ray.get(sched.route.remote(req))
-                lat.append(time.perf_counter_ns() - t0)
-                routed(req, route)
-            return lat, len(reqs)
-
-        def in_flight(reqs, window=64):
-            lat, queue = [], deque()
-
-            def drain_one():  # an actor runs one caller's calls in order: the oldest finishes first
-                r, t0, ref = queue.popleft()
-                routed(r, ray.get(ref))
-                lat.append(time.perf_counter_ns() - t0)
-
-            for req in reqs:
-                queue.append((req, time.perf_counter_ns(), sched.route.remote(req)))
-                if len(queue) == window:
-                    drain_one()
-            while queue:
-                drain_one()
-            return lat, len(reqs)
-
-        def batched(reqs):
-            return asyncio.run(_batched(sched, RouteBatcher, reqs, routed, args.tasks))
-
-        for name, fn, reqs in [
-            ("sequential", sequential, parts[0]),
-            ("64_in_flight", in_flight, parts[1]),
-            (f"route_batch_{args.tasks}_tasks", batched, parts[2]),
-        ]:
-            gc.collect()
-            t0, busy[0] = time.perf_counter(), 0.0
-            lat, calls = fn(reqs)
-            wall = time.perf_counter() - t0
-            modes[name] = {
-                "decisions": len(reqs),
-                "actor_calls": calls,
-                "wall_s": wall,
-                "decisions_per_s": len(reqs) / wall,
-                "route_share": busy[0] / wall,  # of the wall time, the actor spent this much inside Router.route
-                "client_latency_us": pct_us(lat),
-            }
-        ok = ray.get(reports)
-        assert all(ok), "a report was applied out of order"
-        snap = ray.get(sched.snapshot.remote())
-        return {
-            "policy": args.actor_policy,
-            "index_blocks": snap["index_blocks"],
-            "reports": len(reports),
-            "modes": modes,
-        }
-    finally:
-        ray.shutdown()
-
-
-async def _batched(sched, batcher_cls, reqs, routed, tasks):
-    calls = []
-
-    class Counting:  # counts the route_batch calls the batcher makes
-        class route_batch:
-            @staticmethod
-            def remote(batch):
-                calls.append(len(batch))
-                return sched.route_batch.remote(batch)
-
-    batcher = batcher_cls(Counting())
-    todo, lat = iter(reqs), []
-
-    async def client():
-        for req in todo:
-            t0 = time.perf_counter_ns()
-            route = await batcher.route(req)
-            lat.append(time.perf_counter_ns() - t0)
-            routed(req, route)
-
-    await asyncio.gather(*(client() for _ in range(tasks)))
-    print(f"  route_batch: {len(calls)} calls, mean batch {np.mean(calls):.1f}, max {max(calls)}", flush=True)
-    return lat, len(calls)
 
 
 # ---- report ---------------------------------------------------------------------------------------------

@@ -35,32 +35,15 @@ class Pool:
         bit = self.bits.pop(worker_id, 0)
         self._ids.pop(bit, None)
         self.mask &= ~bit
-        key = self._keys.pop(worker_id, None)
-        if key is not None:
-            del self._order[bisect_left(self._order, key)]
-        key = self._queue_keys.pop(worker_id, None)
-        if key is not None:
-            del self._by_queue[bisect_left(self._by_queue, key)]
+        _place(self._order, self._keys, worker_id, None)
+        _place(self._by_queue, self._queue_keys, worker_id, None)
 
     def update(self, view: WorkerView) -> None:
         if self.name == "prefill":
-            key = (view.queued_tokens, view.worker_id, view)
-            old = self._queue_keys.get(view.worker_id)
-            if old != key:
-                if old is not None:
-                    del self._by_queue[bisect_left(self._by_queue, old)]
-                insort(self._by_queue, key)
-                self._queue_keys[view.worker_id] = key
-        if self.policy is None:
-            return
-        cost, tiebreak = self.policy.worker_cost(view, self.name), self.policy.tiebreak(view, self.name)
-        key = (cost, tiebreak, view, self.bits[view.worker_id])
-        old = self._keys.get(view.worker_id)
-        if old != key:
-            if old is not None:
-                del self._order[bisect_left(self._order, old)]
-            insort(self._order, key)
-            self._keys[view.worker_id] = key
+            _place(self._by_queue, self._queue_keys, view.worker_id, (view.queued_tokens, view.worker_id, view))
+        if self.policy is not None:
+            cost, tiebreak = self.policy.worker_cost(view, self.name), self.policy.tiebreak(view, self.name)
+            _place(self._order, self._keys, view.worker_id, (cost, tiebreak, view, self.bits[view.worker_id]))
 
     def first(self, admits, among: int = -1) -> WorkerView | None:
         """The lowest-ranked worker (of those in the mask `among`) that `admits`."""
@@ -107,3 +90,16 @@ class Pool:
                 out.append((Candidate(w, to_tokens(blocks)), blocks))
         out.append((Candidate(best, to_tokens(best_blocks)), best_blocks))
         return out
+
+
+def _place(order: list[tuple], keys: dict[str, tuple], worker_id: str, key: tuple | None) -> None:
+    """Move the worker's entry in the sorted `order` to `key` (None: take it out)."""
+    old = keys.pop(worker_id, None)
+    if old == key and key is not None:
+        keys[worker_id] = key
+        return
+    if old is not None:
+        del order[bisect_left(order, old)]
+    if key is not None:
+        insort(order, key)
+        keys[worker_id] = key

@@ -219,15 +219,6 @@ class PrefixIndex:
             self._count[self._worker[low]] -= 1
             mask ^= low
 
-    def _discard(self, worker_id: str, bit: int, h: int) -> None:
-        mask = self._holders.get(h, 0)
-        if mask & bit:
-            self._count[worker_id] -= 1
-            if mask == bit:
-                del self._holders[h]
-            else:
-                self._holders[h] = mask & ~bit
-
     def _unpredict(self, mask: int, hashes) -> None:
         """Take the bits of `mask` off these hashes' predictions; an entry left with none is deleted."""
         predicted, hashes = self._predicted, list(hashes)
@@ -237,5 +228,4 @@ class PrefixIndex:
         deque(map(predicted.__delitem__, compress(present, map(not_, after))), maxlen=0)
 
     def _drop_entries(self, worker_id: str, bit: int) -> None:
-        for h in [h for h, m in self._holders.items() if m & bit]:
-            self._discard(worker_id, bit, h)
+        self._remove(worker_id, bit, [h for h, m in self._holders.items() if m & bit])

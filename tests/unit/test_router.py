@@ -370,3 +370,15 @@ def test_a_decision_predicts_a_bounded_number_of_blocks():
     unbounded = make_router(max_predicted_blocks=0)
     unbounded.route(req(long_prompt))
     assert len(unbounded.index._predicted) == 200
+
+
+def test_predictions_past_the_limit_grow_a_decision_at_a_time():
+    """A decision predicts at most 64 blocks past a worker's match, but the next one sent there starts from
+    that match, so a burst on a 200-block prefix soon sees it whole where it went (here: on the decode
+    worker that imports it, which then prefills the rest of each prompt locally)."""
+    r = make_router(max_predicted_blocks=64)
+    shared = list(range(10_000, 13_200))  # 200 blocks, cached nowhere
+    routes = [r.route(req(shared + list(range(i, i + 40)), f"l{i}")) for i in range(30)]
+    assert max(r.index.match_all(hashes(shared)).values()) == 200
+    assert [rt.predicted_cached_tokens for rt in routes[:2]] == [0, 0]
+    assert sum(rt.predicted_cached_tokens == 3200 and rt.reason == "decode_has_prefix" for rt in routes) >= 20

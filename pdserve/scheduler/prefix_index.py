@@ -180,6 +180,18 @@ class PrefixIndex:
             ends.append((end, mask & ~-runs[end] if end < n else mask))
         return ends
 
+    def held_blocks(self, bit: int, hashes: list[int], end: int) -> int:
+        """How many leading blocks of hashes[:end] the worker's own events index (predictions left out);
+        by bisection, as in `match_ends`."""
+        holders, lo, hi = self._holders.get, 0, end  # hashes[:lo] held; hashes[hi:] not known to be
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if holders(hashes[mid - 1], 0) & bit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def match(self, hashes: list[int], workers: list[str]) -> dict[str, int]:
         """Per worker, how many leading blocks of `hashes` it caches (indexed or predicted)."""
         found = self.match_all(hashes)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import ray
 
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
-from pdserve.scheduler.policies import DisaggConfig, RoutingPolicy, WorkerView, decide_local_prefill, make_policy
+from pdserve.scheduler.policies import (
+    Candidate,
+    DisaggConfig,
+    RoutingPolicy,
+    WorkerView,
+    decide_local_prefill,
+    make_policy,
+)
 from pdserve.scheduler.pool import Pool
 from pdserve.scheduler.prefix_index import PrefixIndex
 
@@ -147,6 +154,10 @@ class Router:
             local, reason = True, "colocated"
         else:
             best = prefill_pool.least_queued(admits_prefill)
+            # Local prefill counts on what the decode worker holds now, not on imports predicted to land.
+            held = self.index.held_blocks(decode_pool.bits[decode.worker_id], req.block_hashes, decode_blocks)
+            if held < decode_blocks:
+                chosen = Candidate(chosen.worker, to_tokens(held))
             local, reason = decide_local_prefill(chosen, best, req, self.config.disagg)
             if not local:
                 prefill = self.policy.pick([c for c, _ in prefill_cands], req, "prefill")

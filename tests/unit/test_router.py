@@ -374,11 +374,17 @@ def test_a_decision_predicts_a_bounded_number_of_blocks():
 
 def test_predictions_past_the_limit_grow_a_decision_at_a_time():
     """A decision predicts at most 64 blocks past a worker's match, but the next one sent there starts from
-    that match, so a burst on a 200-block prefix soon sees it whole where it went (here: on the decode
-    worker that imports it, which then prefills the rest of each prompt locally)."""
+    that match, so a burst on a 200-block prefix soon sees it whole where it went. The decode worker is
+    predicted to hold what it imports, but prefills locally only once its own events show the prefix."""
     r = make_router(max_predicted_blocks=64)
     shared = list(range(10_000, 13_200))  # 200 blocks, cached nowhere
-    routes = [r.route(req(shared + list(range(i, i + 40)), f"l{i}")) for i in range(30)]
+    routes = [r.route(req(shared + list(range(i, i + 40)), f"l{i}")) for i in range(24)]
     assert max(r.index.match_all(hashes(shared)).values()) == 200
-    assert [rt.predicted_cached_tokens for rt in routes[:2]] == [0, 0]
-    assert sum(rt.predicted_cached_tokens == 3200 and rt.reason == "decode_has_prefix" for rt in routes) >= 20
+    assert all(rt.reason == "disaggregated" for rt in routes)  # no import has landed yet
+    for w in {rt.prefill_worker for rt in routes}:
+        seen = [rt.predicted_cached_tokens for rt in routes if rt.prefill_worker == w]
+        assert seen[0] == 0 and seen == sorted(seen) and seen[-1] == 3200
+    decode = routes[-1].decode_worker
+    assert store(r, decode, 2, shared)  # its events: the import landed
+    route = r.route(req(shared + [1, 2, 3], "after"))
+    assert route.decode_worker == decode and route.reason == "decode_has_prefix"

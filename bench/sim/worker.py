@@ -138,10 +138,14 @@ class SimWorker:
             plan.end = now + self._run_s(plan, plan.steps)
             self._schedule(plan)
 
+    def _usable(self, req: SimRequest) -> list[int]:
+        """The prompt's block hashes a prefix hit may cover (the last token is always computed)."""
+        return req.trace.block_hashes[: (req.trace.num_prompt_tokens - 1) // self.bs]
+
     def _admit(self, req: SimRequest) -> bool | None:
         """Match the prefix and allocate; False: not now (blocks busy), None: never (exceeds the cache)."""
         bs, trace = self.bs, req.trace
-        usable = trace.block_hashes[: (trace.num_prompt_tokens - 1) // bs]
+        usable = self._usable(req)
         hit = self.cache.match(usable)
         need = -(-(trace.num_prompt_tokens + (trace.max_tokens if self.role != "prefill" else 0)) // bs)
         if need > self.cache.num_blocks:
@@ -203,12 +207,8 @@ class SimWorker:
 
     # ---- reports ---------------------------------------------------------------------------------
     def stats(self, now: float) -> WorkerStats:
-        bs = self.bs  # as the engine does: a waiting prompt less the prefix this cache holds now
-        queued = sum(
-            r.trace.num_prompt_tokens
-            - bs * self.cache.match(r.trace.block_hashes[: (r.trace.num_prompt_tokens - 1) // bs])
-            for r in self.waiting
-        )
+        # as the engine does: a waiting prompt less the prefix this cache holds now
+        queued = sum(r.trace.num_prompt_tokens - self.bs * self.cache.match(self._usable(r)) for r in self.waiting)
         queued += sum(r.trace.num_prompt_tokens - r.computed for r in self.prefilling)
         free = self.cache.num_free
         return WorkerStats(

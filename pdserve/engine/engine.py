@@ -276,9 +276,7 @@ class LLMEngine:
         the prefix its cache holds now (as scheduling it would reuse, unless evicted first)."""
         if req.num_computed_tokens or not self.blocks.enable_prefix_caching:
             return req.num_tokens - req.num_computed_tokens
-        bs = self.blocks.block_size
-        hashes = req.update_hashes(bs, self.root)
-        return req.num_tokens - len(self.blocks.cached_prefix(hashes[: (req.num_tokens - 1) // bs])) * bs
+        return req.num_tokens - len(self.scheduler.cached_prefix(req)) * self.blocks.block_size
 
 
 def _role(role: Role | str) -> Role:

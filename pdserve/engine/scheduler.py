@@ -112,11 +112,15 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _match_prefix(self, req: Request) -> None:
-        """Reuse cached full blocks, always leaving at least one token to compute (for the logits)."""
+    def cached_prefix(self, req: Request) -> list[int]:
+        """Block ids of the cached full blocks `req` can reuse, always leaving at least one token to compute
+        (for the logits). Nothing is referenced."""
         hashes = req.update_hashes(self.blocks.block_size, self.root)
-        max_blocks = (req.num_tokens - 1) // self.blocks.block_size
-        ids = self.blocks.cached_prefix(hashes[:max_blocks])
+        return self.blocks.cached_prefix(hashes[: (req.num_tokens - 1) // self.blocks.block_size])
+
+    def _match_prefix(self, req: Request) -> None:
+        """Reuse cached full blocks."""
+        ids = self.cached_prefix(req)
         self.blocks.touch(ids)
         req.block_ids = ids
         req.num_cached_blocks = len(ids)

@@ -74,11 +74,8 @@ class Pool:
                 for worker_id, bit in self.bits.items():
                     if bit & mask:
                         found[worker_id] = blocks
-            return [
-                (Candidate(w, to_tokens(found.get(w.worker_id, 0))), found.get(w.worker_id, 0))
-                for w in self.views.values()
-                if admits(w)
-            ]
+            matched = ((w, found.get(w.worker_id, 0)) for w in self.views.values() if admits(w))
+            return [(Candidate(w, to_tokens(blocks)), blocks) for w, blocks in matched]
         best = self.first(admits)
         if best is None:
             return []

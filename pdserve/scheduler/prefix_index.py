@@ -192,11 +192,6 @@ class PrefixIndex:
                 hi = mid - 1
         return lo
 
-    def match(self, hashes: list[int], workers: list[str]) -> dict[str, int]:
-        """Per worker, how many leading blocks of `hashes` it caches (indexed or predicted)."""
-        found = self.match_all(hashes)
-        return {w: found.get(w, 0) for w in workers}
-
     def num_blocks(self, worker_id: str) -> int:
         return self._count.get(worker_id, 0)
 

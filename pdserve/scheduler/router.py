@@ -149,19 +149,19 @@ class Router:
 
         decode = self.policy.pick([c for c, _ in decode_cands], req, "decode")
         chosen, decode_blocks = next(p for p in decode_cands if p[0].worker.worker_id == decode.worker_id)
+        hashes, decode_bit = req.block_hashes, decode_pool.bits[decode.worker_id]
         prefill = None
         if chosen.worker.role == "mixed":
             local, reason = True, "colocated"
         else:
             best = prefill_pool.least_queued(admits_prefill)
             # Local prefill counts on what the decode worker holds now, not on imports predicted to land.
-            held = self.index.held_blocks(decode_pool.bits[decode.worker_id], req.block_hashes, decode_blocks)
+            held = self.index.held_blocks(decode_bit, hashes, decode_blocks)
             if held < decode_blocks:
                 chosen = Candidate(chosen.worker, to_tokens(held))
             local, reason = decide_local_prefill(chosen, best, req, self.config.disagg)
             if not local:
                 prefill = self.policy.pick([c for c, _ in prefill_cands], req, "prefill")
-        hashes, decode_bit = req.block_hashes, decode_pool.bits[decode.worker_id]
         unheld = max((blocks for blocks, _ in ends), default=0)  # no worker caches the prompt from here
         limit = self.config.max_predicted_blocks or len(hashes)
         # Blocks before a worker's match are cached or predicted there already: predict from there on.

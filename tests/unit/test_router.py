@@ -191,16 +191,16 @@ def test_index_consistency_under_eviction_death_and_gaps():
     other = list(range(5000, 5320))  # 20 blocks: evicts the 10 least recently used entries
     store(r, "p3", 2, other)
     assert len(r.index) == 60
-    assert r.index.match(hashes(PREFIX), ["p1"])["p1"] == 0  # its head was evicted: no prefix match
-    assert r.index.match(hashes(other), ["p3"])["p3"] == 20
+    assert r.index.match_all(hashes(PREFIX)).get("p1", 0) == 0  # its head was evicted: no prefix match
+    assert r.index.match_all(hashes(other)).get("p3", 0) == 20
     # a gap in the event stream: nothing applied, resync asked for, snapshot replaces the entries
     gap = KVEventBatch(
         worker_id="p3", epoch="e", seq=9, events=[BlockStored(block_hashes=hashes(PREFIX), parent_hash=None)]
     )
     assert not r.report(stats("p3", "prefill"), gap)
-    assert r.index.match(hashes(PREFIX), ["p3"])["p3"] == 0
+    assert r.index.match_all(hashes(PREFIX)).get("p3", 0) == 0
     r.resync("p3", "e", 9, hashes(PREFIX))
-    assert r.index.match(hashes(PREFIX), ["p3"])["p3"] == 50 and r.index.match(hashes(other), ["p3"])["p3"] == 0
+    assert r.index.match_all(hashes(PREFIX)).get("p3", 0) == 50 and r.index.match_all(hashes(other)).get("p3", 0) == 0
     # a restart (new epoch) asks for a resync too
     assert not r.report(stats("p3", "prefill"), KVEventBatch(worker_id="p3", epoch="new", seq=1, events=[]))
     # a dead worker's entries disappear, and it is never picked

@@ -74,7 +74,7 @@ class LLMEngine:
         return Request(request_id, prompt_token_ids, params, role, detok, torch.Generator().manual_seed(seed))
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role | str = Role.BOTH
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role | str = Role.COLOCATED
     ) -> None:
         role = _role(role)
         if role is Role.DECODE:
@@ -108,6 +108,8 @@ class LLMEngine:
             self.num_computed_tokens_total += n
             self._cache_full_blocks(req)
         reqs = [batch.requests[i] for i in sampled]
+        if not reqs:  # only prefill chunks this step: nothing to sample
+            return deltas
         token_ids = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         logprobs = self._logprobs(logits, reqs, token_ids)
         for j, (req, token) in enumerate(zip(reqs, token_ids)):

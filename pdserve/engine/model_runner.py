@@ -70,22 +70,22 @@ class ModelRunner:
                 logits_rows.append(row - 1)
                 sampled.append(i)
         dev = self.device
-        pos_t = torch.tensor(positions, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         batch = AttentionBatch(
             query_lens=query_lens,
             context_lens=context_lens,
             block_tables=tables,
-            slot_blocks=torch.tensor(slot_blocks, device=dev),
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
             slot_offsets=pos_t % bs,
             block_size=bs,
         )
         meta = self.backend.prepare(batch, dev)
         logits = self.model(
-            torch.tensor(ids, device=dev),
+            torch.tensor(ids, dtype=torch.long, device=dev),
             pos_t,
             self.kv_cache,
             self.backend,
             meta,
-            torch.tensor(logits_rows, device=dev),
+            torch.tensor(logits_rows, dtype=torch.long, device=dev),  # may be empty: a step of prefill chunks only
         )
         return logits, sampled

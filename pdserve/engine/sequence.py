@@ -13,7 +13,7 @@ from pdserve.protocol import SamplingParams
 
 
 class Role(str, enum.Enum):
-    BOTH = "both"  # prefill and decode here
+    COLOCATED = "colocated"  # prefill and decode here
     PREFILL = "prefill"  # compute the prompt, sample the first token, hold the blocks for export
     DECODE = "decode"  # admitted by import: KV arrives from a peer into reserved blocks
 

@@ -19,7 +19,7 @@ from pdserve.scheduler.router import RouterConfig
 def run_actor(warm, timed, args) -> dict:
     import ray
 
-    from pdserve.cluster.backend import RouteBatcher
+    from pdserve.cluster.client import RouteBatcher
     from pdserve.scheduler.router import GlobalScheduler
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

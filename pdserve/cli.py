@@ -88,7 +88,7 @@ async def _serve_async(config, args) -> int:
     metrics = Metrics()
     deployment = await build(config, metrics)
     app = create_app(
-        deployment.backend,
+        deployment.client,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
         metrics=metrics,
@@ -99,7 +99,7 @@ async def _serve_async(config, args) -> int:
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.05)
-        name = args.served_model_name or deployment.backend.info.model_id
+        name = args.served_model_name or deployment.client.info.model_id
         workers = f"{config.prefill_workers} prefill + {config.decode_workers} decode"
         if config.colocated_workers:
             workers += f" + {config.colocated_workers} colocated"

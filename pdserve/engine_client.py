@@ -2,8 +2,9 @@
 
 Contract: the API server validates and tokenizes, then calls `generate`, which yields `TokenDelta`s for
 one request until one has `finished=True`. Closing the iterator early (client gone) must abort the request
-everywhere it runs and free its KV blocks; the backend owns that cleanup. `Overloaded` raised before the
-first delta means "not admitted" (HTTP 429/503); any other exception mid-stream is a server-side failure.
+everywhere it runs and free its KV blocks; the client owns that cleanup. `Overloaded` raised before the
+first delta means "not admitted" (HTTP 429/503); `ServiceUnavailable` (a dead worker or engine) is a 503 before
+the first token and an SSE error event after; any other exception is a bug (500).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ class Overloaded(Exception):
         self.status = status
 
 
-class BackendUnavailable(Exception):
-    """The data path is down (no live workers, engine failed); HTTP 503."""
+class ServiceUnavailable(Exception):
+    """The data path is down (no live workers, engine failed); HTTP 503, or an SSE error event mid-stream."""
 
 
-class GenerateBackend(Protocol):
+class WorkerFailed(ServiceUnavailable):
+    """A worker serving the request died or its engine broke mid-request (a 503, never a 500)."""
+
+
+class EngineClient(Protocol):
     info: ModelInfo
 
     def generate(
@@ -37,7 +42,7 @@ class GenerateBackend(Protocol):
         """Stream one request's deltas; validation already passed."""
 
     async def check_health(self) -> None:
-        """Raise BackendUnavailable unless a tiny request can go through the data path now."""
+        """Raise ServiceUnavailable unless a tiny request can go through the data path now."""
 
     async def stats(self) -> dict:
         """Per-worker numbers for /health and gauges (running, waiting, kv usage, ...)."""

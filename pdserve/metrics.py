@@ -30,7 +30,7 @@ WORKER_LABELS = ("worker", "role")
 
 class Metrics:
     """The metric objects of one registry. Request metrics are observed by the API server, the TTFT
-    decomposition and KV-transfer metrics by the cluster backend, worker gauges from `backend.stats()`."""
+    decomposition and KV-transfer metrics by the cluster client, worker gauges from `client.stats()`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
@@ -75,7 +75,7 @@ class Metrics:
             registry=r,
         )
 
-        # ---- TTFT decomposition and KV handoff (observed by the cluster backend) ------------------
+        # ---- TTFT decomposition and KV handoff (observed by the cluster client) ------------------
         self.ttft_queue = Histogram(
             "pdserve_ttft_queue_seconds",
             "Arrival until a prefill worker starts the request (routing and queueing)",
@@ -104,7 +104,7 @@ class Metrics:
             registry=r,
         )
 
-        # ---- global scheduler (observed by the cluster backend from each Route) --------------------
+        # ---- global scheduler (observed by the cluster client from each Route) --------------------
         self.routing_decisions = Counter(
             "pdserve_routing_decisions_total",
             "Routing decisions by policy and the policy's reason (prefix_hit, load, imbalanced, ...)",
@@ -136,7 +136,7 @@ class Metrics:
             registry=r,
         )
 
-        # ---- per-worker gauges, refreshed from backend.stats() ------------------------------------
+        # ---- per-worker gauges, refreshed from client.stats() ------------------------------------
         self.worker_running = Gauge(
             "pdserve_worker_running_requests", "Requests running on a worker", WORKER_LABELS, registry=r
         )
@@ -149,7 +149,7 @@ class Metrics:
 
     def set_worker_stats(self, stats: dict) -> None:
         """Replace the worker gauges with `stats["workers"]`: a list of dicts with keys worker, role,
-        running, waiting, kv_usage (the shape every backend's `stats()` returns). Workers absent from
+        running, waiting, kv_usage (the shape every client's `stats()` returns). Workers absent from
         `stats` disappear from the export (scaled down or dead)."""
         gauges = [(self.worker_running, "running"), (self.worker_waiting, "waiting")]
         gauges.append((self.worker_kv_usage, "kv_usage"))

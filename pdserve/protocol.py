@@ -214,7 +214,7 @@ class RouteRequest(msgspec.Struct, kw_only=True):
 
 class Route(msgspec.Struct, kw_only=True):
     decode_worker: str
-    prefill_worker: str | None  # None: prefill on the decode (or mixed) worker itself
+    prefill_worker: str | None  # None: prefill on the decode (or colocated) worker itself
     reason: str = ""  # why this prefill placement: disaggregated, decode_has_prefix, prefill_saturated, ...
     policy_reason: str = ""  # the policy's own reason for its pick (prefix_hit, load, ...)
     predicted_cached_tokens: int = 0  # prompt tokens the index expects the prefilling worker to have cached

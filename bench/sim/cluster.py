@@ -27,7 +27,7 @@ from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
 class ClusterConfig:
     num_prefill: int = 4
     num_decode: int = 4
-    num_mixed: int = 0
+    num_colocated: int = 0
     block_size: int = 512  # tokens per KV block, in engines and router alike (one trace block)
     report_interval_s: float = 0.1
     reserve_timeout_s: float = 10.0  # pdserve WorkerOptions.reserve_timeout_s
@@ -38,7 +38,7 @@ class ClusterConfig:
         return (
             [(f"prefill-{i}", "prefill") for i in range(self.num_prefill)]
             + [(f"decode-{i}", "decode") for i in range(self.num_decode)]
-            + [(f"mixed-{i}", "mixed") for i in range(self.num_mixed)]
+            + [(f"colocated-{i}", "colocated") for i in range(self.num_colocated)]
         )
 
 

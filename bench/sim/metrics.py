@@ -55,8 +55,8 @@ def summarize(requests: list[SimRequest], workers: dict[str, SimWorker], slo: SL
     ttfts = [ttft(r) for r in started]
     tpots = [t for r in done if (t := tpot(r)) is not None]
     outcomes = Counter(r.outcome for r in requests)
-    prefillers = [w for w in workers.values() if w.role in ("prefill", "mixed")]
-    decoders = [w for w in workers.values() if w.role in ("decode", "mixed")]
+    prefillers = [w for w in workers.values() if w.role in ("prefill", "colocated")]
+    decoders = [w for w in workers.values() if w.role in ("decode", "colocated")]
     routed = [r for r in requests if r.reason]
     local = [r for r in routed if r.prefill_worker == r.decode_worker]
     return {

@@ -1,7 +1,7 @@
 """Replay the Mooncake trace through every routing policy side by side, per calibration and cluster; sweep
 the arrival rate for goodput; print tables and write bench/results/sim_<calibration>_<cluster>.json.
 
-    python -m bench.sim.run                       # cpu and h100; 4P+4D and 8 mixed; 6 policies; 3 seeds
+    python -m bench.sim.run                       # cpu and h100; 4P+4D and 8 colocated; 6 policies; 3 seeds
     python -m bench.sim.run --calibrations h100 --clusters pd --rates 1 --limit 1000 --seeds 1
     python -m bench.sim.run --policies "prefix_aware,pa_queue:decode_queue_weight=0.5;uncached_weight=2.0"
 
@@ -67,7 +67,7 @@ CLUSTERS = {
     "pd": ClusterConfig(num_prefill=4, num_decode=4),
     "pd62": ClusterConfig(num_prefill=6, num_decode=2),
     "pd26": ClusterConfig(num_prefill=2, num_decode=6),
-    "mixed": ClusterConfig(num_prefill=0, num_decode=0, num_mixed=8),
+    "colocated": ClusterConfig(num_prefill=0, num_decode=0, num_colocated=8),
 }
 
 
@@ -180,7 +180,7 @@ def report(calibration: str, cluster: str, policies: list[str], rates: list[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibrations", default="cpu,h100")
-    ap.add_argument("--clusters", default="pd,mixed", help=f"any of {sorted(CLUSTERS)}")
+    ap.add_argument("--clusters", default="pd,colocated", help=f"any of {sorted(CLUSTERS)}")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; options after ':', ';'-separated")
     ap.add_argument("--rates", default=None, help="arrival-rate multipliers to sweep (default: per calibration)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per point (report phases differ); averaged")

@@ -9,7 +9,7 @@ from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangC
 
 class PrefixAwareQueue(PrefixAware):
     """`pa_queue`: reweighs prefix_aware's terms. pdserve's `prefix_aware` takes `decode_queue_weight` and
-    `mixed_queue_weight` itself (the weights of prompt tokens queued for prefill on a decode-pool worker,
+    `colocated_queue_weight` itself (the weights of prompt tokens queued for prefill on a decode-pool worker,
     1 and 0.25, both adopted from this study); `uncached_weight` (> 1 values a hit above queueing)
     reweighs the prefill cost's uncached suffix. Defaults equal pdserve's."""
 

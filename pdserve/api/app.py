@@ -1,7 +1,7 @@
-"""The FastAPI app: OpenAI-compatible routes over a `GenerateBackend`, plus /health and /metrics.
+"""The FastAPI app: OpenAI-compatible routes over a `EngineClient`, plus /health and /metrics.
 
 `create_app` builds one app (with its own metrics registry unless given one); `serve` runs it with
-uvicorn and shuts the backend down on exit.
+uvicorn and shuts the client down on exit.
 """
 
 from __future__ import annotations
@@ -23,36 +23,36 @@ from pdserve.api.errors import APIError, error_response, install_handlers, inter
 from pdserve.api.responses import ModelCard, ModelList
 from pdserve.api.serving import Admission, ServingContext
 from pdserve.api.sse import STATUS_KEY
-from pdserve.backend import BackendUnavailable, GenerateBackend
+from pdserve.engine_client import EngineClient, ServiceUnavailable
 from pdserve.metrics import Metrics
 
 logger = logging.getLogger("pdserve.api")
 
-STATS_TIMEOUT_S = 2.0  # a /metrics scrape never waits longer than this for backend.stats()
+STATS_TIMEOUT_S = 2.0  # a /metrics scrape never waits longer than this for client.stats()
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 
 
 def create_app(
-    backend: GenerateBackend,
+    client: EngineClient,
     *,
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_pending: int = 1024,
     metrics: Metrics | None = None,
 ) -> FastAPI:
-    """An app serving `backend`. `api_key`: required as a Bearer token on /v1/*; `max_pending`: generation
+    """An app serving `client`. `api_key`: required as a Bearer token on /v1/*; `max_pending`: generation
     requests in flight at this server before new ones get 429."""
     metrics = metrics if metrics is not None else Metrics()
     ctx = ServingContext(
-        backend=backend,
-        info=backend.info,
-        served_model_name=served_model_name or backend.info.model_id,
+        client=client,
+        info=client.info,
+        served_model_name=served_model_name or client.info.model_id,
         metrics=metrics,
         admission=Admission(max_pending, metrics),
     )
     created = int(time.time())
     app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve")
-    app.state.backend, app.state.metrics, app.state.ctx = backend, metrics, ctx
+    app.state.client, app.state.metrics, app.state.ctx = client, metrics, ctx
     install_handlers(app)
     app.add_middleware(_Guard, metrics=metrics)
 
@@ -76,7 +76,7 @@ def create_app(
         return await create_chat_completion(ctx, request)
 
     def model_card() -> ModelCard:
-        info = backend.info
+        info = client.info
         return ModelCard(
             id=ctx.served_model_name, created=created, root=info.model_id, max_model_len=info.max_model_len
         )
@@ -93,20 +93,20 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         try:
-            await backend.check_health()
-        except BackendUnavailable as e:
-            return error_response(APIError(503, f"unhealthy: {e}", code="backend_unavailable"))
+            await client.check_health()
+        except ServiceUnavailable as e:
+            return error_response(APIError(503, f"unhealthy: {e}", code="service_unavailable"))
         except Exception as e:  # any failure of the probe means the data path is not serving
             logger.warning("health check failed: %r", e)
-            return error_response(APIError(503, f"unhealthy: {type(e).__name__}: {e}", code="backend_unavailable"))
+            return error_response(APIError(503, f"unhealthy: {type(e).__name__}: {e}", code="service_unavailable"))
         return JSONResponse({"status": "ok", "model": ctx.served_model_name})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         try:
-            metrics.set_worker_stats(await asyncio.wait_for(backend.stats(), STATS_TIMEOUT_S))
+            metrics.set_worker_stats(await asyncio.wait_for(client.stats(), STATS_TIMEOUT_S))
         except Exception as e:  # a scrape still returns the API's own metrics
-            logger.warning("backend.stats() failed: %r", e)
+            logger.warning("client.stats() failed: %r", e)
             metrics.set_worker_stats({"workers": []})  # no stale worker gauges: unknown is not healthy
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -150,11 +150,11 @@ class _Guard:
 
 
 def serve(app: FastAPI, host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> None:
-    """Run `app` with uvicorn until SIGINT/SIGTERM; the backend is shut down during the graceful shutdown
+    """Run `app` with uvicorn until SIGINT/SIGTERM; the client is shut down during the graceful shutdown
     (in the app's lifespan, before uvicorn re-raises the signal). Returns normally after Ctrl-C."""
     import uvicorn
 
-    backend, inner = app.state.backend, app.router.lifespan_context
+    client, inner = app.state.client, app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(a: FastAPI):
@@ -162,7 +162,7 @@ def serve(app: FastAPI, host: str = "0.0.0.0", port: int = 8000, *, log_level: s
             try:
                 yield state
             finally:
-                await backend.shutdown()
+                await client.shutdown()
 
     app.router.lifespan_context = lifespan
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_keep_alive=30)

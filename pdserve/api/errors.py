@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.backend import BackendUnavailable, Overloaded
+from pdserve.engine_client import Overloaded, ServiceUnavailable
 
 logger = logging.getLogger("pdserve.api")
 
@@ -119,9 +119,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return error_response(overloaded_error(exc))
 
-    @app.exception_handler(BackendUnavailable)
-    async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
-        return error_response(APIError(503, f"the model backend is unavailable: {exc}", code="backend_unavailable"))
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return error_response(APIError(503, f"the model service is unavailable: {exc}", code="service_unavailable"))
 
 
 def internal_error(exc: BaseException) -> APIError:

@@ -1,4 +1,4 @@
-"""One HTTP request's backend streams (prompts x n choices): fan-out, merge, accumulation and metrics.
+"""One HTTP request's client streams (prompts x n choices): fan-out, merge, accumulation and metrics.
 
 Lifecycle: `start()` opens every stream and waits for each one's first delta, so admission failures
 (`Overloaded`, ...) surface before any HTTP status is sent; `deltas()` yields the rest as they come;
@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from pdserve.api.responses import PromptTokensDetails, Usage
-from pdserve.backend import GenerateBackend
+from pdserve.engine_client import EngineClient
 from pdserve.metrics import Metrics
 from pdserve.protocol import SamplingParams, TokenDelta, TokenLogprob
 
@@ -37,8 +37,8 @@ class Choice:
 
 
 class Generation:
-    def __init__(self, backend: GenerateBackend, choices: list[Choice], metrics: Metrics, arrival: float) -> None:
-        self.backend = backend
+    def __init__(self, client: EngineClient, choices: list[Choice], metrics: Metrics, arrival: float) -> None:
+        self.client = client
         self.choices = choices
         self.metrics = metrics
         self.arrival = arrival  # time.perf_counter() when the HTTP request arrived
@@ -52,9 +52,9 @@ class Generation:
         self._closed = False
 
     async def _pump(self, choice: Choice) -> None:
-        stream = self.backend.generate(choice.request_id, choice.prompt_token_ids, choice.params)
+        stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params)
         try:
-            # Cancellation reaches the backend generator inside its own await, so its cleanup (abort) runs.
+            # Cancellation reaches the client generator inside its own await, so its cleanup (abort) runs.
             async with aclosing(stream):
                 async for delta in stream:
                     self._queue.put_nowait((choice, delta))

@@ -18,7 +18,7 @@ from pdserve.api.generation import Choice, Generation
 from pdserve.api.logprobs import TokenStrings
 from pdserve.api.protocol import SamplingRequest, param_of, with_seed
 from pdserve.api.sse import EventStream, sse_body, unless_disconnected
-from pdserve.backend import GenerateBackend
+from pdserve.engine_client import EngineClient
 from pdserve.metrics import Metrics
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import SamplingParams
@@ -59,7 +59,7 @@ class Admission:
 
 @dataclass
 class ServingContext:
-    backend: GenerateBackend
+    client: EngineClient
     info: ModelInfo
     served_model_name: str
     metrics: Metrics
@@ -139,12 +139,12 @@ async def run_generation(
 ) -> Response:
     """Admit, start every choice, then stream `chunks(gen)` as SSE or return `whole(gen)` as JSON."""
     release = ctx.admission.acquire()
-    gen = Generation(ctx.backend, choices, ctx.metrics, arrival)
+    gen = Generation(ctx.client, choices, ctx.metrics, arrival)
     handed_off = False
     try:
         try:
             await unless_disconnected(request, gen.start())
-        except ValueError as e:  # the backend refused the request as invalid (e.g. larger than its KV cache)
+        except ValueError as e:  # the client refused the request as invalid (e.g. larger than its KV cache)
             raise bad_request(str(e), param="prompt" if "prompt" in str(e) else None) from None
         if stream:
             response = EventStream(sse_body(request, gen, chunks(gen), release), on_close=lambda: _end(gen, release))

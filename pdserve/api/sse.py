@@ -1,6 +1,6 @@
 """Server-sent events and client-disconnect handling for generation endpoints.
 
-However a response ends (done, client gone mid-stream, backend failure, server shutdown), the backend
+However a response ends (done, client gone mid-stream, client failure, server shutdown), the client
 streams are closed and the admission slot released exactly once, synchronously, in a `finally`.
 """
 
@@ -58,7 +58,8 @@ async def sse_body(
     release: Callable[[], None],
 ) -> AsyncGenerator[str, None]:
     """`chunks` as SSE events, then `data: [DONE]`. A failure after the 200 was sent becomes an error
-    event (then [DONE]) and is counted as 500; a client that went away is counted as 499."""
+    event (then [DONE]), counted as 503 for a dead worker and 500 for a bug; a client that went away is
+    counted as 499."""
     status = 200
     try:
         async for chunk in chunks:
@@ -67,7 +68,7 @@ async def sse_body(
     except (asyncio.CancelledError, GeneratorExit):
         status = CLIENT_GONE
         raise
-    except Exception as e:  # the backend failed mid-stream: the status line is already sent
+    except Exception as e:  # the client failed mid-stream: the status line is already sent
         status = 500
         logger.exception("generation failed mid-stream")
         err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pdserve.cluster.backend import ClusterBackend
+from pdserve.cluster.client import ClusterClient
 from pdserve.config import EngineConfig
 from pdserve.model_info import load_model_info
 from pdserve.scheduler.policies import POLICIES
@@ -64,7 +64,7 @@ class ServeConfig:
 @dataclass
 class Deployment:
     config: ServeConfig
-    backend: ClusterBackend
+    client: ClusterClient
     scheduler: object
     handles: dict[str, object]
     started_ray: bool
@@ -74,7 +74,7 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
-        await self.backend.shutdown()
+        await self.client.shutdown()
         for handle in [*self.handles.values(), self.scheduler]:
             try:
                 ray.kill(handle)
@@ -131,7 +131,7 @@ async def build(config: ServeConfig, metrics=None) -> Deployment:
     options = WorkerOptions(transport=config.transport, lease_s=config.lease_s, torch_threads=threads)
     tag = uuid.uuid4().hex[:6]
     roles = ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
-    roles += ["mixed"] * config.colocated_workers
+    roles += ["colocated"] * config.colocated_workers
     handles, role_of = {}, {}
     counts: dict[str, int] = {}
     for role in roles:
@@ -158,7 +158,7 @@ async def build(config: ServeConfig, metrics=None) -> Deployment:
         if started:
             ray.shutdown()
         raise
-    backend = ClusterBackend(
+    client = ClusterClient(
         info,
         scheduler,
         {w: (role_of[w], h) for w, h in handles.items()},
@@ -166,6 +166,6 @@ async def build(config: ServeConfig, metrics=None) -> Deployment:
         block_size=config.engine.block_size,
         policy=config.routing,
     )
-    backend.start()
+    client.start()
     log.info("pdserve deployment up: %s", ", ".join(f"{n} {r}" for r, n in counts.items()))
-    return Deployment(config, backend, scheduler, handles, started)
+    return Deployment(config, client, scheduler, handles, started)

@@ -1,4 +1,4 @@
-"""ClusterBackend: the API server's side of the P/D request flow over Ray (a `GenerateBackend`).
+"""ClusterClient: the API server's side of the P/D request flow over Ray (a `EngineClient`).
 
 route (GlobalScheduler) -> prefill worker computes the prompt and returns the first token plus a KV handoff
 -> the first token goes to the client at once -> the decode worker pulls the KV and continues; its tokens
@@ -16,17 +16,13 @@ from collections.abc import AsyncIterator
 
 import ray
 
-from pdserve.backend import BackendUnavailable, Overloaded
+from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import EngineRequest, Route, RouteRequest, SamplingParams, TokenDelta
 from pdserve.scheduler.router import NoCapacity
 
 log = logging.getLogger(__name__)
-
-
-class WorkerFailed(Exception):
-    """A worker serving the request died or failed mid-request."""
 
 
 class RouteBatcher:
@@ -65,7 +61,7 @@ class RouteBatcher:
             self._busy = False
 
 
-class ClusterBackend:
+class ClusterClient:
     def __init__(
         self,
         info: ModelInfo,
@@ -91,9 +87,10 @@ class ClusterBackend:
         self._closed = False
 
     def start(self) -> None:
-        for worker_id, (role, handle) in self.workers.items():
-            if role in ("decode", "mixed"):
-                self._pollers.append(asyncio.ensure_future(self._poll(worker_id, handle)))
+        # Every role is long-polled: the poll streams decode outputs and, for any role, is how a death is
+        # seen at once (a pending call on a dead actor fails), so the scheduler drops the worker.
+        for worker_id, (_, handle) in self.workers.items():
+            self._pollers.append(asyncio.ensure_future(self._poll(worker_id, handle)))
 
     async def _poll(self, worker_id: str, handle) -> None:
         while not self._closed:
@@ -113,7 +110,9 @@ class ClusterBackend:
                 if q is not None:
                     q.put_nowait(d)
 
-    def _worker_died(self, worker_id: str, error: Exception) -> None:
+    def _worker_died(self, worker_id: str, error: BaseException) -> None:
+        if worker_id in self._dead:
+            return
         log.error("worker %s died: %s", worker_id, error)
         self._dead.add(worker_id)
         self.scheduler.remove.remote(worker_id)
@@ -137,7 +136,7 @@ class ClusterBackend:
         route = await self.router.route(rr)
         if isinstance(route, NoCapacity):
             if route.unavailable:
-                raise BackendUnavailable(str(route))
+                raise ServiceUnavailable(str(route))
             raise Overloaded(str(route), retry_after=route.retry_after)
         if self.metrics is not None:
             self.metrics.routing_decisions.labels(self.policy, route.policy_reason).inc()
@@ -161,10 +160,12 @@ class ClusterBackend:
             decode = self._handle(route.decode_worker)
             first = True
             if route.prefill_worker is None:
-                await decode.generate.remote(req)
+                await self._call(route.decode_worker, decode.generate.remote(req))
             else:
                 prefill = self._handle(route.prefill_worker)
-                result = await prefill.prefill.remote(req, route.decode_worker, decode)
+                result = await self._call(
+                    route.prefill_worker, prefill.prefill.remote(req, route.decode_worker, decode)
+                )
                 self._observe_prefill(result)
                 self._observe_prefix(route.prefill_worker, result.delta)
                 first = False
@@ -172,7 +173,10 @@ class ClusterBackend:
                 yield result.delta
                 if finished:
                     return
-                started = await decode.decode.remote(result.handoff, prefill)
+                try:
+                    started = await self._call(route.decode_worker, decode.decode.remote(result.handoff, prefill))
+                except ray.exceptions.RayTaskError as e:  # the pull failed (e.g. the prefill worker died)
+                    raise WorkerFailed(f"the KV handoff of {request_id} failed: {e}") from None
                 self._observe_transfer(started)
             while True:
                 item = await queue.get()
@@ -185,8 +189,6 @@ class ClusterBackend:
                 yield item
                 if finished:
                     return
-        except ray.exceptions.RayActorError as e:
-            raise WorkerFailed(f"a worker serving {request_id} died: {e}") from None
         finally:
             self._queues.pop(request_id, None)
             self._owner.pop(request_id, None)
@@ -194,6 +196,15 @@ class ClusterBackend:
                 for worker_id in touched:
                     if worker_id not in self._dead:
                         self.workers[worker_id][1].abort.remote([request_id])
+
+    async def _call(self, worker_id: str, ref):
+        """Await a call on a worker; its death (or its broken engine, which ends it) marks it dead here and
+        at the scheduler, and reaches the request as `WorkerFailed` (a 503, never a 500)."""
+        try:
+            return await ref
+        except (ray.exceptions.RayActorError, WorkerFailed) as e:
+            self._worker_died(worker_id, e)
+            raise WorkerFailed(f"worker {worker_id} failed: {_first_line(e)}") from None
 
     def _observe_prefill(self, result) -> None:
         if self.metrics is not None:
@@ -224,7 +235,7 @@ class ClusterBackend:
             finally:
                 await gen.aclose()
         except (Exception, asyncio.TimeoutError) as e:
-            raise BackendUnavailable(f"data path unhealthy: {e!r}") from None
+            raise ServiceUnavailable(f"data path unhealthy: {e!r}") from None
 
     async def stats(self) -> dict:
         """{"workers": [{worker, role, running, waiting, kv_usage, ...}]} for the live workers that answer."""
@@ -253,3 +264,8 @@ class ClusterBackend:
             t.cancel()
         live = [h for w, (_, h) in self.workers.items() if w not in self._dead]
         await asyncio.gather(*(h.shutdown.remote() for h in live), return_exceptions=True)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

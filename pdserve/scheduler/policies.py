@@ -136,7 +136,7 @@ class PrefixAware(CostPolicy):
     suffix) plus prompt tokens already queued there, plus `request_overhead_tokens` per queued request.
     Decode: running sequences (each worth `decode_seq_tokens`), KV usage (a full cache is worth
     `kv_full_tokens`) and prompt tokens queued there for prefill (weighted `decode_queue_weight` on a
-    decode worker, where they are local prefills the decider sent, and `mixed_queue_weight` on a colocated
+    decode worker, where they are local prefills the decider sent, and `colocated_queue_weight` on a colocated
     one), minus the prompt it caches (a local prefill, if the decider picks one, is cheaper). Equal costs go
     to the worker with the fewest cached and pending blocks, so an idle pool spreads its caches.
     A `temperature` > 0 samples from softmax(-cost / temperature) to spread near-ties (then unranked: every
@@ -151,12 +151,12 @@ class PrefixAware(CostPolicy):
         decode_seq_tokens: int = 64,
         kv_full_tokens: int = 4096,
         decode_queue_weight: float = 1.0,
-        mixed_queue_weight: float = 0.25,
+        colocated_queue_weight: float = 0.25,
         seed: int = 0,
         **_,
     ) -> None:
         self.temperature = temperature
-        self.queue_weight = {"decode": decode_queue_weight, "mixed": mixed_queue_weight}
+        self.queue_weight = {"decode": decode_queue_weight, "colocated": colocated_queue_weight}
         self.ranked = temperature <= 0
         self.request_overhead_tokens = request_overhead_tokens
         self.decode_seq_tokens = decode_seq_tokens

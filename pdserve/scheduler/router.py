@@ -151,7 +151,7 @@ class Router:
         chosen, decode_blocks = next(p for p in decode_cands if p[0].worker.worker_id == decode.worker_id)
         hashes, decode_bit = req.block_hashes, decode_pool.bits[decode.worker_id]
         prefill = None
-        if chosen.worker.role == "mixed":
+        if chosen.worker.role == "colocated":
             local, reason = True, "colocated"
         else:
             best = prefill_pool.least_queued(admits_prefill)

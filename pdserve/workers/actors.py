@@ -6,6 +6,10 @@ registers it with the transport), so peers can be wired before the first request
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import ray
 
 from pdserve.config import EngineConfig
@@ -23,7 +27,7 @@ class _WorkerActor:
     async def start(self) -> PeerInfo:
         if self.w is None:
             worker_id, config, options = self._args
-            self.w = Worker(worker_id, self.role, config, options)
+            self.w = Worker(worker_id, self.role, config, options, on_fatal=_exit_process)
         return self.w.peer_info()
 
     async def add_peers(self, infos: list[PeerInfo]) -> None:
@@ -44,6 +48,9 @@ class _WorkerActor:
     async def drain(self) -> None:
         await self.w.drain()
 
+    async def inject_fault(self, kind: str) -> None:
+        self.w.inject_fault(kind)
+
     async def leak_report(self) -> str | None:
         return await self.w.leak_report()
 
@@ -59,6 +66,16 @@ class _WorkerActor:
 
     async def generate(self, req: EngineRequest) -> None:
         await self.w.generate(req)
+
+
+def _exit_process(error: BaseException) -> None:
+    """A broken engine ends its actor's process: Ray reports the death to every caller and to the
+    scheduler's and frontends' watchers, and the worker never takes a request it cannot serve."""
+    logging.getLogger(__name__).critical("worker process exits: its engine failed (%r)", error)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class _PrefillMixin:
@@ -85,8 +102,8 @@ class DecodeWorker(_DecodeMixin, _WorkerActor):
 
 
 @ray.remote
-class MixedWorker(_PrefillMixin, _DecodeMixin, _WorkerActor):
-    role = "mixed"
+class ColocatedWorker(_PrefillMixin, _DecodeMixin, _WorkerActor):
+    role = "colocated"
 
 
-ACTOR_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "mixed": MixedWorker}
+ACTOR_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}

@@ -3,24 +3,38 @@
 The engine is single-threaded: every call into it (add, abort, export, import, stats) is a command run
 on the engine thread between steps. After each step the loop hands all of that step's deltas to
 `on_outputs` in one call (on the engine thread), so consumers batch per step, not per token.
+If the engine raises, the loop logs the traceback, fails every queued and later command with
+`ServiceUnavailable`, and calls `on_error` once (on the engine thread): the owner must stop serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine_client import ServiceUnavailable
 from pdserve.protocol import TokenDelta
+
+log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[TokenDelta]], None], name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: Callable[[list[TokenDelta]], None],
+        name: str = "engine",
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.engine = engine
+        self.name = name
         self._on_outputs = on_outputs
+        self._on_error = on_error
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._wake = threading.Condition()
         self._stopped = False
@@ -33,7 +47,7 @@ class EngineLoop:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             if self._stopped:
-                fut.set_exception(RuntimeError("engine loop is stopped"))
+                fut.set_exception(self._stopped_error())
                 return fut
             self._commands.append((lambda: fn(self.engine), fut))
             self._wake.notify()
@@ -73,12 +87,20 @@ class EngineLoop:
                     deltas = self.engine.step()
                     if deltas:
                         self._on_outputs(deltas)
-        except BaseException as e:  # the engine is broken: report it, fail whoever waits
+        except BaseException as e:  # the engine is broken: report it, fail whoever waits, tell the owner
             self.error = e
+            log.critical("%s: the engine failed and stops serving", self.name, exc_info=e)
         finally:
             with self._wake:
                 self._stopped = True
                 pending, self._commands = self._commands, []
             for _, fut in pending:
                 if not fut.done():
-                    fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+                    fut.set_exception(self._stopped_error())
+        if self.error is not None and self._on_error is not None:
+            self._on_error(self.error)
+
+    def _stopped_error(self) -> ServiceUnavailable:
+        if self.error is None:
+            return ServiceUnavailable(f"{self.name}: engine loop is stopped")
+        return ServiceUnavailable(f"{self.name}: the engine failed: {type(self.error).__name__}: {self.error}")

@@ -1,4 +1,4 @@
-"""LocalBackend: the `GenerateBackend` over one in-process engine on an `EngineLoop` (tests, baseline).
+"""LocalClient: the `EngineClient` over one in-process engine on an `EngineLoop` (tests, baseline).
 
 Each engine step's deltas reach the asyncio loop in one `call_soon_threadsafe` call and are routed there
 to per-request queues; the routing table is touched only on the asyncio loop's thread.
@@ -10,9 +10,9 @@ import asyncio
 import itertools
 import logging
 
-from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine_client import Overloaded, ServiceUnavailable
 from pdserve.protocol import SamplingParams, TokenDelta
 from pdserve.workers.engine_loop import EngineLoop
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 _LIVENESS_POLL_S = 0.5  # how often the watchdog checks that the engine thread is still alive
 
 
-class LocalBackend:
+class LocalClient:
     """One engine in this process. `max_queued` bounds unfinished requests; beyond it `Overloaded`."""
 
     def __init__(self, config: EngineConfig | None = None, max_queued: int = 256, health_timeout: float = 5.0) -> None:
@@ -58,7 +58,7 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         if self._aloop is not loop:
             if self._streams:
-                raise RuntimeError("LocalBackend is serving requests on another event loop")
+                raise RuntimeError("LocalClient is serving requests on another event loop")
             self._aloop = loop
             self._watchdog = loop.create_task(self._watch())
 
@@ -67,18 +67,18 @@ class LocalBackend:
         succeeded are all in `_streams` by then, so none waits forever)."""
         while self.loop.alive:
             await asyncio.sleep(_LIVENESS_POLL_S)
-        error = BackendUnavailable(f"the engine loop stopped ({self.loop.error!r})")
+        error = ServiceUnavailable(f"the engine loop stopped ({self.loop.error!r})")
         for queue in self._streams.values():
             queue.put_nowait(error)
 
-    # ---- GenerateBackend -------------------------------------------------------------------------
+    # ---- EngineClient -------------------------------------------------------------------------
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         return self._stream(request_id, prompt_token_ids, params, admit=True)
 
     async def _stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admit: bool):
         self._bind()
         if not self.loop.alive:
-            raise BackendUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+            raise ServiceUnavailable(f"the engine loop is not running ({self.loop.error!r})")
         if admit and len(self._streams) >= self.max_queued:
             raise Overloaded(f"{len(self._streams)} requests in flight (max_queued={self.max_queued})", retry_after=1.0)
         if request_id in self._streams:
@@ -87,12 +87,7 @@ class LocalBackend:
         self._streams[request_id] = queue  # registered before the engine can produce its first delta
         finished = False
         try:
-            try:
-                await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
-            except RuntimeError as e:
-                if not self.loop.alive:  # stopped between the check above and the add
-                    raise BackendUnavailable(f"the engine loop is not running ({e})") from e
-                raise
+            await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
             while not finished:
                 delta = await queue.get()
                 if isinstance(delta, BaseException):
@@ -109,7 +104,7 @@ class LocalBackend:
     async def check_health(self) -> None:
         """A 1-token greedy request through the engine (bypassing admission) within `health_timeout`."""
         if not self.loop.alive:
-            raise BackendUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+            raise ServiceUnavailable(f"the engine loop is not running ({self.loop.error!r})")
         request_id = f"health-{next(self._health_ids)}"
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
@@ -119,12 +114,12 @@ class LocalBackend:
 
         try:
             await asyncio.wait_for(probe(), self.health_timeout)
-        except BackendUnavailable:
+        except ServiceUnavailable:
             raise
         except asyncio.TimeoutError:
-            raise BackendUnavailable(f"the engine did not answer a 1-token request in {self.health_timeout}s") from None
+            raise ServiceUnavailable(f"the engine did not answer a 1-token request in {self.health_timeout}s") from None
         except Exception as e:  # the loop stopped between the check and the call, or the engine failed
-            raise BackendUnavailable(f"health probe failed: {e!r}") from e
+            raise ServiceUnavailable(f"health probe failed: {e!r}") from e
 
     async def stats(self) -> dict:
         """{"workers": [{worker, role, running, waiting, kv_usage, num_free_blocks, num_blocks}]}."""
@@ -132,7 +127,7 @@ class LocalBackend:
         def snapshot(e: LLMEngine) -> dict:
             return {
                 "worker": "local",
-                "role": "mixed",
+                "role": "colocated",
                 "running": len(e.scheduler.running),
                 "waiting": len(e.scheduler.waiting),
                 "kv_usage": e.blocks.usage,
@@ -142,7 +137,7 @@ class LocalBackend:
 
         try:
             workers = [await self.loop.call(snapshot)]
-        except RuntimeError:  # the engine loop is stopped: no live worker
+        except ServiceUnavailable:  # the engine loop is stopped: no live worker
             workers = []
         return {"workers": workers, "num_streams": len(self._streams)}
 

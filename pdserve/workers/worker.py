@@ -1,6 +1,6 @@
 """A worker: one engine, one KV transport, and the handoff transaction, behind async methods.
 
-Wrapped as Ray actors in `actors.py` (PrefillWorker, DecodeWorker, MixedWorker). Tokens leave a worker in
+Wrapped as Ray actors in `actors.py` (PrefillWorker, DecodeWorker, ColocatedWorker). Tokens leave a worker in
 batches: `poll_outputs` returns everything produced since the last call (one call per step at most).
 Leases: a prefill worker holds a finished prefill's blocks until the decode worker calls `release`, the
 lease deadline passes, the request is aborted, or the decode worker is found dead; then it frees them.
@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
+from pdserve.engine_client import WorkerFailed
 from pdserve.protocol import (
     DecodeStarted,
     EngineRequest,
@@ -30,7 +32,7 @@ from pdserve.workers.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode", "mixed")
+ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass
@@ -52,7 +54,17 @@ class _Lease:
 
 
 class Worker:
-    def __init__(self, worker_id: str, role: str, config: EngineConfig, options: WorkerOptions) -> None:
+    """`on_fatal` runs once, on the asyncio loop, after the engine broke and every waiter was failed; the
+    actor passes a function that ends its process, so the failure is a death everyone can see."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        role: str,
+        config: EngineConfig,
+        options: WorkerOptions,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if options.torch_threads:
@@ -60,6 +72,7 @@ class Worker:
 
             torch.set_num_threads(options.torch_threads)
         self.worker_id, self.role, self.options = worker_id, role, options
+        self._on_fatal = on_fatal
         self.engine = LLMEngine(config)
         self.layout = _layout(self.engine)
         from pdserve.kv.transport import make_transport
@@ -75,7 +88,9 @@ class Worker:
         self._draining = False
         self._closed = False
         self._scheduler = None
-        self.loop = EngineLoop(self.engine, self._on_outputs, name=f"engine-{worker_id}")
+        self.loop = EngineLoop(
+            self.engine, self._on_outputs, name=f"engine-{worker_id}", on_error=self._on_engine_error
+        )
         self._tasks = [asyncio.ensure_future(self._lease_keeper())]
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -136,6 +151,29 @@ class Worker:
                 fut.set_exception(RuntimeError(f"worker {self.worker_id} shut down"))
         self.transport.close()
 
+    def _on_engine_error(self, error: BaseException) -> None:
+        """Engine thread: the engine is broken (the loop logged the traceback); stop serving on the asyncio loop."""
+        self._aio.call_soon_threadsafe(self._fail, error)
+
+    def _fail(self, error: BaseException) -> None:
+        self._closed = True
+        failure = WorkerFailed(f"worker {self.worker_id}: the engine failed: {type(error).__name__}: {error}")
+        for fut in self._prefills.values():
+            if not fut.done():
+                fut.set_exception(failure)
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    def inject_fault(self, kind: str) -> None:
+        """For failure tests and chaos runs: `engine_step` makes the engine's next step raise."""
+        if kind != "engine_step":
+            raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step']")
+
+        def broken_step():
+            raise RuntimeError("injected fault: engine step failed")
+
+        self.loop.submit(lambda e: setattr(e, "step", broken_step))
+
     # ---- outputs ------------------------------------------------------------------------------------
     def _on_outputs(self, deltas: list[TokenDelta]) -> None:
         """Engine thread, once per step: resolve prefills, queue the rest for poll_outputs."""
@@ -190,11 +228,13 @@ class Worker:
 
     # ---- requests -----------------------------------------------------------------------------------
     def _admit_check(self) -> None:
+        if self.loop.error is not None:
+            raise WorkerFailed(f"worker {self.worker_id}: the engine failed: {self.loop.error!r}")
         if self._draining or self._closed:
             raise RuntimeError(f"worker {self.worker_id} is draining and takes no new requests")
 
     async def generate(self, req: EngineRequest) -> None:
-        """Mixed/decode role: prefill and decode here; tokens come out through poll_outputs."""
+        """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs."""
         self._admit_check()
         await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
 

@@ -1,4 +1,4 @@
-"""E2E fixtures: one shared LocalBackend on the demo model, a server over it, clients, the offline oracle."""
+"""E2E fixtures: one shared LocalClient on the demo model, a server over it, clients, the offline oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
-from pdserve.workers.local_backend import LocalBackend
+from pdserve.workers.local_client import LocalClient
 from tests.e2e.harness import ServerThread, serving
 
 NUM_KV_BLOCKS = 512  # 8192 tokens of 16: room for 32 concurrent streams and the long-prompt tests
@@ -26,8 +26,8 @@ def _no_threads_left_behind() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def backend() -> Iterator[LocalBackend]:
-    b = LocalBackend(EngineConfig(num_kv_blocks=NUM_KV_BLOCKS))
+def backend() -> Iterator[LocalClient]:
+    b = LocalClient(EngineConfig(num_kv_blocks=NUM_KV_BLOCKS))
     yield b
     b.loop.stop()
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from pdserve.workers.local_backend import LocalBackend
+from pdserve.workers.local_client import LocalClient
 
 
 class ServerThread:
@@ -56,12 +56,12 @@ def serving(app) -> Iterator[ServerThread]:
         server.stop()
 
 
-def engine_call(backend: LocalBackend, fn, timeout: float = 30):
+def engine_call(backend: LocalClient, fn, timeout: float = 30):
     """Run `fn(engine)` on the backend's engine thread (the engine is not thread-safe)."""
     return backend.loop.submit(fn).result(timeout)
 
 
-def wait_idle(backend: LocalBackend, timeout: float = 30) -> None:
+def wait_idle(backend: LocalClient, timeout: float = 30) -> None:
     """Wait until the engine has no requests left, then assert no KV block is still referenced."""
     deadline = time.monotonic() + timeout
     while engine_call(backend, lambda e: bool(e.requests) or e.has_unfinished()):

@@ -1,4 +1,4 @@
-"""Backend failures through a real server over a scripted backend: admission refusals keep their status
+"""Engine-client failures through a real server over a scripted client: admission refusals keep their status
 and Retry-After, a dead data path is 503, a failure after the 200 becomes an SSE error event, and a bug
 is a 500 OpenAI error object; the server keeps serving after each."""
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pdserve.api.app import create_app
-from pdserve.backend import BackendUnavailable, Overloaded
+from pdserve.engine_client import Overloaded, ServiceUnavailable
 from pdserve.model_info import load_model_info
 from pdserve.protocol import TokenDelta
 from tests.e2e.harness import serving
@@ -18,8 +18,8 @@ from tests.e2e.harness import serving
 pytestmark = pytest.mark.e2e
 
 
-class ScriptedBackend:
-    """A GenerateBackend whose behaviour the test sets in `mode`; records closed request ids."""
+class ScriptedClient:
+    """A EngineClient whose behaviour the test sets in `mode`; records closed request ids."""
 
     def __init__(self) -> None:
         self.info = load_model_info(None)
@@ -33,7 +33,7 @@ class ScriptedBackend:
             if self.mode == "overloaded503":
                 raise Overloaded("no capacity", retry_after=7.0, status=503)
             if self.mode == "unavailable":
-                raise BackendUnavailable("no live workers")
+                raise ServiceUnavailable("no live workers")
             if self.mode == "bug":
                 raise TypeError("oops")
             yield TokenDelta(request_id=request_id, new_token_ids=[65], text="A", num_prompt_tokens=3)
@@ -48,7 +48,7 @@ class ScriptedBackend:
 
     async def check_health(self) -> None:
         if self.mode != "ok":
-            raise BackendUnavailable("scripted")
+            raise ServiceUnavailable("scripted")
 
     async def stats(self) -> dict:
         if self.mode == "bug":
@@ -61,13 +61,13 @@ class ScriptedBackend:
 
 @pytest.fixture(scope="module")
 def scripted():
-    backend = ScriptedBackend()
-    with serving(create_app(backend)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
-        yield backend, http
+    client = ScriptedClient()
+    with serving(create_app(client)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        yield client, http
 
 
-def _body(backend, stream=False) -> dict:
-    return {"model": backend.info.model_id, "prompt": "abc", "max_tokens": 2, "stream": stream}
+def _body(client, stream=False) -> dict:
+    return {"model": client.info.model_id, "prompt": "abc", "max_tokens": 2, "stream": stream}
 
 
 @pytest.mark.parametrize(
@@ -76,30 +76,30 @@ def _body(backend, stream=False) -> dict:
 )
 @pytest.mark.parametrize("stream", [False, True])
 def test_refusals_and_bugs_map_to_status(scripted, mode, status, retry_after, stream):
-    backend, http = scripted
-    backend.mode = mode
+    client, http = scripted
+    client.mode = mode
     try:
-        resp = http.post("/v1/completions", json=_body(backend, stream))
+        resp = http.post("/v1/completions", json=_body(client, stream))
         assert resp.status_code == status
         err = resp.json()["error"]
         assert set(err) == {"message", "type", "param", "code"}
         assert resp.headers.get("retry-after") == retry_after
     finally:
-        backend.mode = "ok"
-    assert http.post("/v1/completions", json=_body(backend)).json()["choices"][0]["text"] == "AB"
+        client.mode = "ok"
+    assert http.post("/v1/completions", json=_body(client)).json()["choices"][0]["text"] == "AB"
 
 
 def test_failure_after_first_token_is_an_sse_error_event(scripted):
-    backend, http = scripted
-    backend.mode = "fail_midway"
+    client, http = scripted
+    client.mode = "fail_midway"
     try:
         with http.stream("POST", "/v1/chat/completions", json={
-            "model": backend.info.model_id, "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "model": client.info.model_id, "messages": [{"role": "user", "content": "x"}], "stream": True,
         }) as resp:  # fmt: skip
             assert resp.status_code == 200
             events = [line.removeprefix("data: ") for line in resp.iter_lines() if line]
     finally:
-        backend.mode = "ok"
+        client.mode = "ok"
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert "decode worker died" in error["message"]
@@ -109,35 +109,35 @@ def test_failure_after_first_token_is_an_sse_error_event(scripted):
 
 
 def test_nonstreaming_failure_midway_is_500(scripted):
-    backend, http = scripted
-    backend.mode = "fail_midway"
+    client, http = scripted
+    client.mode = "fail_midway"
     try:
-        resp = http.post("/v1/completions", json=_body(backend))
+        resp = http.post("/v1/completions", json=_body(client))
     finally:
-        backend.mode = "ok"
+        client.mode = "ok"
     assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
 
 
 def test_n_choices_are_all_closed_when_one_fails(scripted):
-    backend, http = scripted
-    backend.closed.clear()
-    backend.mode = "fail_midway"
+    client, http = scripted
+    client.closed.clear()
+    client.mode = "fail_midway"
     try:
-        resp = http.post("/v1/completions", json={**_body(backend), "n": 3})
+        resp = http.post("/v1/completions", json={**_body(client), "n": 3})
     finally:
-        backend.mode = "ok"
+        client.mode = "ok"
     assert resp.status_code == 500
-    assert len(backend.closed) == 3
+    assert len(client.closed) == 3
 
 
 def test_health_and_metrics_follow_the_backend(scripted):
-    backend, http = scripted
+    client, http = scripted
     assert http.get("/health").status_code == 200
     text = http.get("/metrics").text
     assert 'pdserve_worker_waiting_requests{role="prefill",worker="p0"} 2.0' in text
-    backend.mode = "bug"
+    client.mode = "bug"
     try:
         assert http.get("/health").status_code == 503
         assert http.get("/metrics").status_code == 200  # stats() failing does not break the scrape
     finally:
-        backend.mode = "ok"
+        client.mode = "ok"

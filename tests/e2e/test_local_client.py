@@ -1,4 +1,4 @@
-"""LocalBackend on its own (no HTTP): one hand-off per engine step, abort on early close, bounded
+"""LocalClient on its own (no HTTP): one hand-off per engine step, abort on early close, bounded
 admission, the health probe and stats."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from pdserve.backend import BackendUnavailable, Overloaded
 from pdserve.config import EngineConfig
+from pdserve.engine_client import Overloaded, ServiceUnavailable
 from pdserve.protocol import SamplingParams
-from pdserve.workers.local_backend import LocalBackend
+from pdserve.workers.local_client import LocalClient
 from tests.e2e.harness import engine_call, wait_idle
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def local():
-    backend = LocalBackend(EngineConfig(num_kv_blocks=64), max_queued=4)
+    backend = LocalClient(EngineConfig(num_kv_blocks=64), max_queued=4)
     yield backend
     backend.loop.stop()
 
@@ -95,7 +95,7 @@ def test_duplicate_request_id_is_refused(local):
 
 
 def test_stopped_engine_fails_open_streams_and_health():
-    backend = LocalBackend(EngineConfig(num_kv_blocks=16))
+    backend = LocalClient(EngineConfig(num_kv_blocks=16))
     ids = backend.info.encode_prompt("x")
 
     async def main():
@@ -103,12 +103,12 @@ def test_stopped_engine_fails_open_streams_and_health():
         await stream.__anext__()
         await backend.shutdown()
         await backend.shutdown()  # idempotent
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(ServiceUnavailable):
             async for _ in stream:
                 pass
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(ServiceUnavailable):
             await backend.check_health()
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(ServiceUnavailable):
             await backend.generate("b", ids, SamplingParams()).__anext__()
         assert (await backend.stats())["workers"] == []
 

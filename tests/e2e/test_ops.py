@@ -16,7 +16,7 @@ import pytest
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
 from pdserve.metrics import Metrics
-from pdserve.workers.local_backend import LocalBackend
+from pdserve.workers.local_client import LocalClient
 from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +64,7 @@ def _sample(text: str, name: str, labels: str = "") -> float:
 
 def test_metrics_after_traffic():
     """On its own app (own registry), so the counts are exactly this test's traffic."""
-    backend = LocalBackend(EngineConfig(num_kv_blocks=64))
+    backend = LocalClient(EngineConfig(num_kv_blocks=64))
     try:
         metrics = Metrics()
         with serving(create_app(backend, metrics=metrics)) as srv:
@@ -90,11 +90,11 @@ def test_metrics_after_traffic():
     assert _sample(text, "pdserve_e2e_request_latency_seconds_count") == 2
     assert _sample(text, "pdserve_inter_token_latency_seconds_count") == 4 + 2 * 3
     assert _sample(text, "pdserve_num_requests_running") == 0
-    assert _sample(text, "pdserve_worker_kv_usage_ratio", '{role="mixed",worker="local"}') >= 0
+    assert _sample(text, "pdserve_worker_kv_usage_ratio", '{role="colocated",worker="local"}') >= 0
 
 
 def test_health_503_when_engine_loop_stopped():
-    backend = LocalBackend(EngineConfig(num_kv_blocks=16))
+    backend = LocalClient(EngineConfig(num_kv_blocks=16))
     with serving(create_app(backend)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         model = backend.info.model_id
         assert http.get("/health").status_code == 200
@@ -103,7 +103,7 @@ def test_health_503_when_engine_loop_stopped():
         assert resp.status_code == 400 and "KV cache" in resp.json()["error"]["message"]
         backend.loop.stop()
         resp = http.get("/health")
-        assert resp.status_code == 503 and resp.json()["error"]["code"] == "backend_unavailable"
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
         resp = http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1})
         assert resp.status_code == 503 and "error" in resp.json()
         assert http.get("/metrics").status_code == 200  # scrapes keep working with no live worker
@@ -118,8 +118,8 @@ def test_serve_runs_until_interrupted_then_shuts_the_backend_down(tmp_path):
         "import sys\n"
         "from pdserve.api.app import create_app, serve\n"
         "from pdserve.config import EngineConfig\n"
-        "from pdserve.workers.local_backend import LocalBackend\n"
-        "backend = LocalBackend(EngineConfig(num_kv_blocks=16))\n"
+        "from pdserve.workers.local_client import LocalClient\n"
+        "backend = LocalClient(EngineConfig(num_kv_blocks=16))\n"
         f"serve(create_app(backend), host='127.0.0.1', port={port}, log_level='warning')\n"
         "print('engine alive after serve:', backend.loop.alive, flush=True)\n"
     )

@@ -44,7 +44,7 @@ class DeploymentServer:
         try:
             metrics = Metrics()
             self.deployment = await build(self.config, metrics)
-            app = create_app(self.deployment.backend, metrics=metrics)
+            app = create_app(self.deployment.client, metrics=metrics)
             self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
             while not self.server.started and not task.done():
@@ -76,7 +76,7 @@ class DeploymentServer:
     def leaks(self, timeout: float = 10.0) -> list[str]:
         deadline = time.time() + timeout
         while True:
-            live = [h for w, h in self.deployment.handles.items() if w not in self.deployment.backend._dead]
+            live = [h for w, h in self.deployment.handles.items() if w not in self.deployment.client._dead]
             reports = [r for r in ray.get([h.leak_report.remote() for h in live]) if r]
             if not reports or time.time() > deadline:
                 return reports

@@ -7,8 +7,8 @@ import pytest
 import ray
 
 from pdserve import LLM, SamplingParams
-from pdserve.cluster.backend import WorkerFailed
 from pdserve.cluster.builder import ServeConfig, build
+from pdserve.cluster.client import WorkerFailed
 from pdserve.config import EngineConfig
 from pdserve.protocol import EngineRequest
 
@@ -35,10 +35,10 @@ def pd(runner):
     runner.run_until_complete(dep.shutdown())
 
 
-def collect(backend, rid, ids, params):
+def collect(client, rid, ids, params):
     async def go():
         out = []
-        async for d in backend.generate(rid, ids, params):
+        async for d in client.generate(rid, ids, params):
             out += d.new_token_ids
         return out
 
@@ -61,11 +61,11 @@ async def wait_no_leak(dep, timeout=10.0):
 def test_disaggregated_equals_offline(runner, pd):
     offline = LLM(num_kv_blocks=128)
     expected = [o.token_ids for o in offline.generate(PROMPTS, GREEDY)]
-    got = [runner.run_until_complete(collect(pd.backend, f"par-{i}", p, GREEDY)) for i, p in enumerate(PROMPTS)]
+    got = [runner.run_until_complete(collect(pd.client, f"par-{i}", p, GREEDY)) for i, p in enumerate(PROMPTS)]
     assert got == expected
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
     assert (
-        runner.run_until_complete(collect(pd.backend, "seeded", PROMPTS[1], seeded))
+        runner.run_until_complete(collect(pd.client, "seeded", PROMPTS[1], seeded))
         == offline.generate([PROMPTS[1]], seeded)[0].token_ids
     )
     assert runner.run_until_complete(wait_no_leak(pd)) == []
@@ -77,7 +77,7 @@ def test_32_concurrent_requests_complete_without_leaks(runner, pd):
     expected = [o.token_ids for o in offline.generate(prompts, GREEDY)]
 
     async def all_of_them():
-        return await asyncio.gather(*(collect(pd.backend, f"c-{j}", p, GREEDY) for j, p in enumerate(prompts)))
+        return await asyncio.gather(*(collect(pd.client, f"c-{j}", p, GREEDY) for j, p in enumerate(prompts)))
 
     assert runner.run_until_complete(all_of_them()) == expected
     assert runner.run_until_complete(wait_no_leak(pd)) == []
@@ -85,7 +85,7 @@ def test_32_concurrent_requests_complete_without_leaks(runner, pd):
 
 def test_cancel_mid_stream_frees_blocks_on_both_workers(runner, pd):
     async def cancel_after(n):
-        gen = pd.backend.generate("cancel", PROMPTS[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        gen = pd.client.generate("cancel", PROMPTS[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
         got = 0
         async for d in gen:
             got += len(d.new_token_ids)
@@ -116,7 +116,7 @@ def test_killed_decode_worker_fails_the_request_and_prefill_frees(runner):
         decode, prefill = role_handle(dep, "decode"), role_handle(dep, "prefill")
 
         async def run():
-            gen = dep.backend.generate("doomed", PROMPTS[2], SamplingParams(temperature=0, max_tokens=50))
+            gen = dep.client.generate("doomed", PROMPTS[2], SamplingParams(temperature=0, max_tokens=50))
             first = await gen.__anext__()  # prefill done: the KV is held for the decode worker
             ray.kill(decode)
             with pytest.raises(WorkerFailed):

@@ -1,5 +1,5 @@
 """The import layering from STYLE.md: engine/ and kv/ import neither Ray nor FastAPI; scheduler/, api/ and
-the backend seam import no torch; workers/ do not import the HTTP layer."""
+the engine-client seam import no torch; workers/ do not import the HTTP layer."""
 
 import ast
 from pathlib import Path
@@ -37,6 +37,6 @@ def test_layering(package):
     assert not bad, "\n".join(bad)
 
 
-def test_backend_seam_and_protocol_import_no_torch():
-    for module in ("backend.py", "protocol.py", "hashing.py", "model_info.py"):
+def test_engine_client_seam_and_protocol_import_no_torch():
+    for module in ("engine_client.py", "protocol.py", "hashing.py", "model_info.py"):
         assert not {n for n in imports(PKG / module) if n.split(".")[0] in ("torch", "ray", "fastapi")}, module

@@ -48,8 +48,18 @@ CASES = [
     (PrefixAware(), "decode", [cand("a", num_running=2), cand("b", 960, num_running=3)], "b"),  # prefix outweighs
     # local prefills already queued on a decode worker count against it; on a colocated worker, a quarter
     (PrefixAware(), "decode", [cand("a", num_prefill_tokens_queued=3000), cand("b", num_running=5)], "b"),
-    (PrefixAware(), "decode", [cand("a", role="mixed", num_prefill_tokens_queued=1000), cand("b", num_running=5)], "a"),
-    (PrefixAware(), "decode", [cand("a", role="mixed", num_prefill_tokens_queued=2000), cand("b", num_running=5)], "b"),
+    (
+        PrefixAware(),
+        "decode",
+        [cand("a", role="colocated", num_prefill_tokens_queued=1000), cand("b", num_running=5)],
+        "a",
+    ),
+    (
+        PrefixAware(),
+        "decode",
+        [cand("a", role="colocated", num_prefill_tokens_queued=2000), cand("b", num_running=5)],
+        "b",
+    ),
     # equal costs: the worker with fewer cached blocks, so an idle pool spreads its caches
     (PrefixAware(), "prefill", [cand("a", num_cached_blocks=40), cand("b", num_cached_blocks=3)], "b"),
     (SGLangCacheAware(), "prefill", [cand("a", 400), cand("b", 100)], "a"),  # ratio 0.4 > 0.3
@@ -242,8 +252,8 @@ def test_admission_is_bounded_by_queues_and_free_blocks():
 
 def test_colocated_workers_prefill_locally():
     r = Router(RouterConfig(policy="prefix_aware"))
-    r.register("m0", "mixed")
-    r.report(stats("m0", "mixed"))
+    r.register("m0", "colocated")
+    r.report(stats("m0", "colocated"))
     route = r.route(req([1] * 40))
     assert route.prefill_worker is None and route.decode_worker == "m0" and route.reason == "colocated"
 

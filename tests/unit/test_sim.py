@@ -46,8 +46,8 @@ def test_prefix_aware_hits_more_and_everything_completes():
     assert router.time is time and prefix_index.time is time  # the virtual clock is put back
 
 
-def test_mixed_cluster_completes():
-    _, reqs, s = simulate("prefix_aware", ClusterConfig(num_prefill=0, num_decode=0, num_mixed=3, block_size=16))
+def test_colocated_cluster_completes():
+    _, reqs, s = simulate("prefix_aware", ClusterConfig(num_prefill=0, num_decode=0, num_colocated=3, block_size=16))
     assert s["finished"] == len(reqs) and s["local_prefill_frac"] == 1.0
 
 
@@ -78,9 +78,9 @@ def test_queued_prefills_weigh_fully_on_decode_workers_and_a_quarter_on_colocate
 
     req = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
     views = {n: dict(num_blocks=100, num_free_blocks=100) for n in "ab"}
-    for role, expected in (("decode", "b"), ("mixed", "a")):
+    for role, expected in (("decode", "b"), ("colocated", "a")):
         a = Candidate(WorkerView("a", role, num_prefill_tokens_queued=500, **views["a"]), 0)  # 500 or 125
         b = Candidate(WorkerView("b", role, num_running=3, **views["b"]), 0)  # 3 x 64
         assert make_variant("pa_queue").pick([a, b], req, "decode").worker_id == expected
-        assert make_variant("pa_queue", mixed_queue_weight=0).pick([a, b], req, "decode").worker_id == expected
+        assert make_variant("pa_queue", colocated_queue_weight=0).pick([a, b], req, "decode").worker_id == expected
     assert make_variant("prefix_aware") is None  # pdserve's own policies are built by the Router

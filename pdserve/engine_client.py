@@ -2,7 +2,7 @@
 
 Contract: the API server validates and tokenizes, then calls `generate`, which yields `TokenDelta`s for
 one request until one has `finished=True`. Closing the iterator early (client gone) must abort the request
-everywhere it runs and free its KV blocks; the client owns that cleanup. `Overloaded` raised before the
+everywhere it runs and free its KV blocks; the engine client owns that cleanup. `Overloaded` raised before the
 first delta means "not admitted" (HTTP 429/503); `ServiceUnavailable` (a dead worker or engine) is a 503 before
 the first token and an SSE error event after; any other exception is a bug (500).
 """

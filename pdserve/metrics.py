@@ -30,7 +30,7 @@ WORKER_LABELS = ("worker", "role")
 
 class Metrics:
     """The metric objects of one registry. Request metrics are observed by the API server, the TTFT
-    decomposition and KV-transfer metrics by the cluster client, worker gauges from `client.stats()`."""
+    decomposition and KV-transfer metrics by the cluster client, worker gauges from the engine client's `stats()`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
@@ -136,7 +136,7 @@ class Metrics:
             registry=r,
         )
 
-        # ---- per-worker gauges, refreshed from client.stats() ------------------------------------
+        # ---- per-worker gauges, refreshed from EngineClient.stats() --------------------------------
         self.worker_running = Gauge(
             "pdserve_worker_running_requests", "Requests running on a worker", WORKER_LABELS, registry=r
         )
@@ -149,7 +149,7 @@ class Metrics:
 
     def set_worker_stats(self, stats: dict) -> None:
         """Replace the worker gauges with `stats["workers"]`: a list of dicts with keys worker, role,
-        running, waiting, kv_usage (the shape every client's `stats()` returns). Workers absent from
+        running, waiting, kv_usage (the shape every engine client's `stats()` returns). Workers absent from
         `stats` disappear from the export (scaled down or dead)."""
         gauges = [(self.worker_running, "running"), (self.worker_waiting, "waiting")]
         gauges.append((self.worker_kv_usage, "kv_usage"))

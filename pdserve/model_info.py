@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.protocol import SamplingParams
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEMO_MODEL_ID = "pdserve-demo"
@@ -56,7 +59,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
         raise ValueError("prompt is empty")
     bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        raise ValueError(
+            f"prompt has token ids outside the model's vocabulary [0, {vocab_size}) (its embedding size): {bad[:5]}"
+        )
     if len(prompt_token_ids) >= max_model_len:
         raise ValueError(
             f"prompt has {len(prompt_token_ids)} tokens, which leaves no room to generate within the "
@@ -74,7 +79,13 @@ def load_model_info(path: str | None, max_model_len: int | None = None) -> Model
         tokenizer = _read_tokenizer(Path(path))
         model_id = f"{Path(path).resolve().name}-{hashlib.sha256(raw).hexdigest()[:12]}"
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+        # transformers loads such checkpoints (a token added to the tokenizer, the embedding not resized);
+        # requests that contain an id past the embedding are refused by `validate_request`
+        log.warning(
+            "the tokenizer has %d tokens but the model's embedding has %d (vocab_size): requests containing "
+            "token ids >= %d will be rejected",
+            len(tokenizer), config.vocab_size, config.vocab_size,
+        )  # fmt: skip
     limit = _context_limit(config)
     if max_model_len is not None and max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")

@@ -1,7 +1,7 @@
-"""The FastAPI app: OpenAI-compatible routes over a `EngineClient`, plus /health and /metrics.
+"""The FastAPI app: OpenAI-compatible routes over an `EngineClient`, plus /health and /metrics.
 
 `create_app` builds one app (with its own metrics registry unless given one); `serve` runs it with
-uvicorn and shuts the client down on exit.
+uvicorn and shuts the engine client down on exit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pdserve.metrics import Metrics
 
 logger = logging.getLogger("pdserve.api")
 
-STATS_TIMEOUT_S = 2.0  # a /metrics scrape never waits longer than this for client.stats()
+STATS_TIMEOUT_S = 2.0  # a /metrics scrape never waits longer than this for the engine client's stats()
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 
 
@@ -150,7 +150,7 @@ class _Guard:
 
 
 def serve(app: FastAPI, host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> None:
-    """Run `app` with uvicorn until SIGINT/SIGTERM; the client is shut down during the graceful shutdown
+    """Run `app` with uvicorn until SIGINT/SIGTERM; the engine client is shut down during the graceful shutdown
     (in the app's lifespan, before uvicorn re-raises the signal). Returns normally after Ctrl-C."""
     import uvicorn
 

@@ -1,4 +1,4 @@
-"""One HTTP request's client streams (prompts x n choices): fan-out, merge, accumulation and metrics.
+"""One HTTP request's engine streams (prompts x n choices): fan-out, merge, accumulation and metrics.
 
 Lifecycle: `start()` opens every stream and waits for each one's first delta, so admission failures
 (`Overloaded`, ...) surface before any HTTP status is sent; `deltas()` yields the rest as they come;
@@ -54,7 +54,7 @@ class Generation:
     async def _pump(self, choice: Choice) -> None:
         stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params)
         try:
-            # Cancellation reaches the client generator inside its own await, so its cleanup (abort) runs.
+            # Cancellation reaches the engine client's generator inside its own await, so its cleanup (abort) runs.
             async with aclosing(stream):
                 async for delta in stream:
                     self._queue.put_nowait((choice, delta))

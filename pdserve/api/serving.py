@@ -144,7 +144,7 @@ async def run_generation(
     try:
         try:
             await unless_disconnected(request, gen.start())
-        except ValueError as e:  # the client refused the request as invalid (e.g. larger than its KV cache)
+        except ValueError as e:  # the engine client refused the request as invalid (e.g. larger than its KV cache)
             raise bad_request(str(e), param="prompt" if "prompt" in str(e) else None) from None
         if stream:
             response = EventStream(sse_body(request, gen, chunks(gen), release), on_close=lambda: _end(gen, release))

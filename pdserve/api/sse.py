@@ -1,6 +1,6 @@
 """Server-sent events and client-disconnect handling for generation endpoints.
 
-However a response ends (done, client gone mid-stream, client failure, server shutdown), the client
+However a response ends (done, client gone mid-stream, a worker failure, server shutdown), the engine
 streams are closed and the admission slot released exactly once, synchronously, in a `finally`.
 """
 
@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from pdserve.api.errors import APIError, error_body
 from pdserve.api.generation import Generation
+from pdserve.engine_client import ServiceUnavailable
 
 logger = logging.getLogger("pdserve.api")
 
@@ -68,7 +69,13 @@ async def sse_body(
     except (asyncio.CancelledError, GeneratorExit):
         status = CLIENT_GONE
         raise
-    except Exception as e:  # the client failed mid-stream: the status line is already sent
+    except ServiceUnavailable as e:  # a worker died mid-stream: the status line is already sent
+        status = 503
+        logger.warning("generation ended mid-stream: %s", e)
+        err = APIError(503, f"the model service failed mid-stream: {e}", code="service_unavailable")
+        yield event(error_body(err))
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # a bug mid-stream: the status line is already sent
         status = 500
         logger.exception("generation failed mid-stream")
         err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")

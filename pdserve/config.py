@@ -1,65 +1,212 @@
-"""Validated engine configuration (frozen dataclasses); later issues add pools, routing and API config."""
+"""The one configuration tree (torch-free): engine, worker, KV transport, routing, disaggregation, pools,
+frontend and failure handling, each default written once here.
+
+Sources, highest first: CLI flags (`pdserve.cli_config` generates them from this tree), environment
+(`PDSERVE_<SECTION>__<KEY>`, e.g. `PDSERVE_ENGINE__BLOCK_SIZE=32`), a YAML file (`--config FILE`), defaults.
+Keys are snake_case and nest as the Helm chart's values do. An unknown key or a bad value is a
+`ValueError` (pydantic's ValidationError) naming the key.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+DTYPES = ("float32", "bfloat16", "float16")
+ROLES = ("prefill", "decode", "colocated")
+POLICY_NAMES = ("prefix_aware", "least_loaded", "round_robin", "sglang_cache_aware", "dynamo_kv_cost")
+TRANSPORTS = ("nixl", "local")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """One engine: which model, where, and how big its KV cache and batches are.
+class Section(BaseModel):
+    """A frozen config section; unknown keys are errors."""
 
-    model: a Hugging Face directory, or None for the embedded demo model.
-    num_kv_blocks: an explicit cache size; otherwise `kv_cache_memory` bytes decide it (default: 1 GiB on
-    CPU, 85% of free memory on a GPU).
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    model: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
+    def replace(self, **changes: Any):
+        """A validated copy with `changes` applied."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+class EngineConfig(Section):
+    """One engine: which model, where, and how big its KV cache and batches are."""
+
+    model: str | None = Field(None, description="Hugging Face model directory (default: the embedded demo model)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and KV dtype")
+    device: str = Field("cpu", description="cpu, or cuda[:N] (one GPU per worker)")
+    block_size: int = Field(16, gt=0, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(None, ge=2, description="KV cache blocks per engine (default: by memory)")
+    kv_cache_memory: int | None = Field(None, gt=0, description="KV cache bytes (default: 512 MiB CPU, 85% GPU)")
+    max_model_len: int | None = Field(None, gt=0, description="context length (default: the model's)")
+    max_num_seqs: int = Field(128, gt=0, description="requests batched per step")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per step; longer prompts are chunked")
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    seed: int = 0
+    attention_backend: str = Field("auto", description="auto or torch")
+    seed: int = Field(0, description="seed for requests that carry none")
 
-    def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
-            raise ValueError(f"num_kv_blocks must be an integer >= 2, got {self.num_kv_blocks!r}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
+        return v
+
+
+class WorkerConfig(Section):
+    """A worker actor around one engine: the KV handoff lease, load reports, Ray resources."""
+
+    lease_s: float = Field(10.0, gt=1, description="how long a sender holds KV nobody has pulled")
+    pull_timeout_s: float = Field(5.0, gt=0, description="a KV pull's time limit (also capped by the lease)")
+    reserve_timeout_s: float = Field(10.0, gt=0, description="how long an import waits for free KV blocks")
+    report_interval_s: float = Field(0.2, gt=0, description="load and KV-event reports (the heartbeat)")
+    liveness_interval_s: float = Field(0.5, gt=0, description="how often a lease holder pings its receiver")
+    torch_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores/workers)")
+    cpus: float | None = Field(None, ge=0, description="Ray CPUs per worker actor (default 1)")
+
+
+class KVConfig(Section):
+    transport: Literal["nixl", "local"] = Field("nixl", description="KV transfer between workers")
+
+
+class DisaggConfig(Section):
+    """When the decode worker prefills a request itself instead of handing it to a prefill worker."""
+
+    local_prefill_max_tokens: int = Field(64, description="decode worker lacks at most this many prompt tokens")
+    prefill_saturated_tokens: int = Field(8192, description="every prefill worker has this many tokens queued")
+    decode_room_fraction: float = Field(0.25, ge=0, le=1, description="...and the decode worker keeps this KV free")
+
+
+class RoutingConfig(Section):
+    policy: Literal[POLICY_NAMES] = Field("prefix_aware", description="routing policy")  # type: ignore[valid-type]
+    temperature: float = Field(0.0, ge=0, description="prefix_aware: softmax temperature over costs (0: argmin)")
+    policy_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword options of the policy")
+    max_waiting_per_worker: int = Field(64, gt=0, description="queued requests per worker before 429")
+    max_index_blocks: int = Field(1_000_000, gt=0, description="global prefix index bound (LRU)")
+    # A decision predicts at most this many blocks past each chosen worker's match (0: no limit): enough for
+    # a burst to see where its shared prefix went, while a decision's cost stops growing with the prompt.
+    max_predicted_blocks: int = Field(64, ge=0)
+    disagg: DisaggConfig = Field(default_factory=DisaggConfig)
+
+
+class PoolsConfig(Section):
+    """Target pool sizes, and the Ray resources that pin each role to its nodes (e.g. {"pdserve_prefill": 1})."""
+
+    prefill: int = Field(1, ge=0, description="prefill workers")
+    decode: int = Field(1, ge=0, description="decode workers")
+    colocated: int = Field(0, ge=0, description="workers that prefill and decode (no handoff)")
+    resources: dict[Literal["prefill", "decode", "colocated"], dict[str, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolsConfig:
+        if self.decode + self.colocated == 0:
+            raise ValueError("pools: need at least one decode worker or colocated worker")
+        if self.prefill and not self.decode:
+            raise ValueError("pools.prefill: prefill workers need at least one decode worker to hand off to")
+        return self
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype)
+    def total(self) -> int:
+        return self.prefill + self.decode + self.colocated
 
-    def replace(self, **changes) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
+    def size(self, role: str) -> int:
+        return getattr(self, role)
+
+
+class FrontendConfig(Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (frontend i listens on port + i)")
+    frontends: int = Field(1, ge=1, description="HTTP frontends")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/*")
+    served_model_name: str | None = Field(None, description="the model name clients send (default: model id)")
+    max_pending: int = Field(1024, gt=0, description="requests in flight per frontend before 429")
+
+
+class FailureConfig(Section):
+    worker_timeout_s: float = Field(10.0, gt=0, description="a worker whose reports stop this long is dead")
+    max_request_retries: int = Field(2, ge=0, description="re-routes of a request whose worker died")
+    replace_dead_workers: bool = Field(True, description="start a replacement for a dead worker")
+
+
+class ServeConfig(BaseSettings):
+    """A whole deployment. `name` names its controller and actors in Ray's `pdserve` namespace."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix="PDSERVE_", env_nested_delimiter="__", validate_default=True
+    )
+
+    name: str = Field("pdserve", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="deployment name")
+    address: str | None = Field(None, description="join a Ray cluster ('auto' or its address; also RAY_ADDRESS)")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    kv: KVConfig = Field(default_factory=KVConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.kv.transport == "local" and self.pools.prefill:
+            raise ValueError("kv.transport: 'local' moves KV only inside one process; use 'nixl' between workers")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if _yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_file))
+        return tuple(sources)
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return load_config(overrides=_merge(self.model_dump(), changes), env=False)
+
+
+_yaml_file: str | None = None  # set only while `load_config` builds a config from a file
+
+
+def load_config(file: str | None = None, overrides: dict | None = None, env: bool = True) -> ServeConfig:
+    """The effective config: `overrides` (CLI, nested dict) over the environment over `file` over defaults."""
+    global _yaml_file
+    if file is not None:
+        import pathlib
+
+        import yaml
+
+        path = pathlib.Path(file)
+        if not path.is_file():
+            raise ValueError(f"config file {file} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {file} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"config file {file} must hold a mapping of keys, got {type(data).__name__}")
+    _yaml_file = file
+    try:
+        if env:
+            return ServeConfig(**(overrides or {}))
+        return ServeConfig.model_validate(overrides or {})
+    finally:
+        _yaml_file = None
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_yaml(config: ServeConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

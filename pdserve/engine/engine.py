@@ -32,7 +32,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
-        loaded = loader.load(config.model, config.torch_dtype, self.device, config.max_model_len)
+        loaded = loader.load(config.model, loader.torch_dtype(config.dtype), self.device, config.max_model_len)
         self.info = info = loaded.info
         self.model_id = info.model_id
         self.is_demo = info.is_demo

@@ -16,6 +16,11 @@ from pdserve.engine.models.llama import LlamaForCausalLM
 from pdserve.model_info import ModelInfo, load_model_info
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name (`EngineConfig.dtype` is validated against the same names)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 @dataclass
 class LoadedModel:
     model: LlamaForCausalLM

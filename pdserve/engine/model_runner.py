@@ -10,6 +10,7 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.attention import AttentionBatch, get_backend
+from pdserve.engine.loader import torch_dtype
 from pdserve.engine.models.llama import LlamaForCausalLM
 from pdserve.engine.sequence import Request
 
@@ -25,7 +26,7 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 def num_kv_blocks(config: EngineConfig, model: LlamaForCausalLM, max_model_len: int, device: torch.device) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = kv_block_bytes(model, config.block_size, config.torch_dtype)
+    per_block = kv_block_bytes(model, config.block_size, torch_dtype(config.dtype))
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif device.type == "cuda":
@@ -47,7 +48,7 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, device)
         s = model.spec
         shape = (num_blocks, s.num_layers, 2, config.block_size, s.num_kv_heads, s.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=config.torch_dtype, device=device)
+        self.kv_cache = torch.zeros(shape, dtype=torch_dtype(config.dtype), device=device)
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:

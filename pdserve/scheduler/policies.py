@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
+from pdserve.config import DisaggConfig
 from pdserve.protocol import RouteRequest
 
 
@@ -238,13 +239,6 @@ def make_policy(name: str, **options) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name](**options)
-
-
-@dataclass(frozen=True)
-class DisaggConfig:
-    local_prefill_max_tokens: int = 64  # decode worker lacks at most this many prompt tokens: prefill there
-    prefill_saturated_tokens: int = 8192  # every prefill worker has this many tokens queued: saturated
-    decode_room_fraction: float = 0.25  # ...and the decode worker keeps this share of its KV blocks free
 
 
 def decide_local_prefill(

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_right
-from dataclasses import dataclass, field
 
 import ray
 
+from pdserve.config import EngineConfig, RoutingConfig, ServeConfig
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
 from pdserve.scheduler.policies import (
     Candidate,
-    DisaggConfig,
     RoutingPolicy,
     WorkerView,
     decide_local_prefill,
@@ -36,24 +35,23 @@ class NoCapacity(Exception):
         self.unavailable = unavailable
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    policy: str = "prefix_aware"
-    policy_options: dict = field(default_factory=dict)
-    block_size: int = 16
-    max_waiting_per_worker: int = 64
-    max_index_blocks: int = 1_000_000
-    disagg: DisaggConfig = field(default_factory=DisaggConfig)
-    # A decision predicts at most this many blocks past each chosen worker's match (0: no limit): enough
-    # for a burst to see where its shared prefix went, while the cost of a decision stops growing with the
-    # prompt. The workers' own events index the rest a report later.
-    max_predicted_blocks: int = 64
+class RouterConfig(RoutingConfig):
+    """The routing section of the config tree plus the engines' block size (the index hashes blocks)."""
+
+    block_size: int = EngineConfig.model_fields["block_size"].default
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> RouterConfig:
+        return cls(**config.routing.model_dump(), block_size=config.engine.block_size)
 
 
 class Router:
     def __init__(self, config: RouterConfig | None = None, policy: RoutingPolicy | None = None) -> None:
         self.config = config = config or RouterConfig()
-        self.policy = policy or make_policy(config.policy, block_size=config.block_size, **config.policy_options)
+        options = dict(config.policy_options)
+        if config.policy == "prefix_aware" and config.temperature:
+            options.setdefault("temperature", config.temperature)
+        self.policy = policy or make_policy(config.policy, block_size=config.block_size, **options)
         self.index = PrefixIndex(config.max_index_blocks)
         self.views: dict[str, WorkerView] = {}
         self.pools = {"prefill": Pool("prefill", self.policy), "decode": Pool("decode", self.policy)}

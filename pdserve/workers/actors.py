@@ -12,22 +12,22 @@ import sys
 
 import ray
 
-from pdserve.config import EngineConfig
+from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.protocol import EngineRequest, KVHandoff, PeerInfo
-from pdserve.workers.worker import Worker, WorkerOptions
+from pdserve.workers.worker import Worker
 
 
 class _WorkerActor:
     role = ""
 
-    def __init__(self, worker_id: str, config: EngineConfig, options: WorkerOptions) -> None:
-        self._args = (worker_id, config, options)
+    def __init__(self, worker_id: str, config: EngineConfig, options: WorkerConfig, transport: str) -> None:
+        self._args = (worker_id, config, options, transport)
         self.w: Worker | None = None
 
     async def start(self) -> PeerInfo:
         if self.w is None:
-            worker_id, config, options = self._args
-            self.w = Worker(worker_id, self.role, config, options, on_fatal=_exit_process)
+            worker_id, config, options, transport = self._args
+            self.w = Worker(worker_id, self.role, config, options, transport, on_fatal=_exit_process)
         return self.w.peer_info()
 
     async def add_peers(self, infos: list[PeerInfo]) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.config import EngineConfig
+from pdserve.config import ROLES, EngineConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
 from pdserve.engine_client import WorkerFailed
 from pdserve.protocol import (
@@ -32,18 +32,7 @@ from pdserve.workers.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode", "colocated")
 
-
-@dataclass
-class WorkerOptions:
-    transport: str = "nixl"
-    lease_s: float = 10.0
-    pull_timeout_s: float = 5.0  # also capped by the sender's lease
-    reserve_timeout_s: float = 10.0  # how long an import waits for free blocks before failing
-    report_interval_s: float = 0.2
-    liveness_interval_s: float = 0.5
-    torch_threads: int | None = None
 
 
 @dataclass
@@ -62,7 +51,8 @@ class Worker:
         worker_id: str,
         role: str,
         config: EngineConfig,
-        options: WorkerOptions,
+        options: WorkerConfig,
+        transport: str = "nixl",
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if role not in ROLES:
@@ -77,7 +67,7 @@ class Worker:
         self.layout = _layout(self.engine)
         from pdserve.kv.transport import make_transport
 
-        self.transport = make_transport(options.transport, worker_id, self.engine.kv_cache, self.layout)
+        self.transport = make_transport(transport, worker_id, self.engine.kv_cache, self.layout)
         self._aio = asyncio.get_running_loop()
         self._outbox: list[TokenDelta] = []
         self._has_output = asyncio.Event()

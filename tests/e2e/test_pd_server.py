@@ -20,8 +20,8 @@ import uvicorn
 
 from pdserve import LLM, SamplingParams
 from pdserve.api.app import create_app
-from pdserve.cluster.builder import ServeConfig, build
-from pdserve.config import EngineConfig
+from pdserve.cluster.builder import build
+from pdserve.config import EngineConfig, ServeConfig
 from pdserve.metrics import Metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
@@ -96,7 +96,7 @@ def engine(**kw):
 
 @pytest.fixture(scope="module")
 def pd(ray_cluster):
-    with DeploymentServer(ServeConfig(engine=engine(), prefill_workers=1, decode_workers=1, lease_s=5)) as s:
+    with DeploymentServer(ServeConfig(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 5})) as s:
         yield s
 
 
@@ -109,7 +109,7 @@ def test_disaggregated_equals_colocated_equals_offline(ray_cluster, pd):
     offline = LLM(num_kv_blocks=256).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
     expected = [o.text for o in offline]
     with DeploymentServer(
-        ServeConfig(engine=engine(), prefill_workers=0, decode_workers=0, colocated_workers=1)
+        ServeConfig(engine=engine(), pools={"prefill": 0, "decode": 0, "colocated": 1})
     ) as colo:
         for server in (pd, colo):
             client = server.client()
@@ -203,7 +203,7 @@ def test_cancel_mid_stream_and_bad_inputs(pd):
 
 
 def test_killed_decode_worker_gives_a_clean_error(ray_cluster):
-    with DeploymentServer(ServeConfig(engine=engine(), prefill_workers=1, decode_workers=1, lease_s=30)) as s:
+    with DeploymentServer(ServeConfig(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})) as s:
         decode = next(h for w, h in s.deployment.handles.items() if w.startswith("decode"))
         start = time.time()
         with httpx.stream(

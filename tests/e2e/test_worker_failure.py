@@ -13,7 +13,7 @@ import httpx
 import pytest
 import ray
 
-from pdserve.cluster.builder import ServeConfig
+from pdserve.config import ServeConfig
 from tests.e2e.test_pd_server import DeploymentServer, engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
@@ -67,7 +67,9 @@ def logged_traceback() -> bool:
 
 
 def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
-    config = ServeConfig(engine=engine(), prefill_workers=2, decode_workers=2, routing="round_robin", lease_s=5)
+    config = ServeConfig(
+        engine=engine(), pools={"prefill": 2, "decode": 2}, routing={"policy": "round_robin"}, worker={"lease_s": 5}
+    )
     with DeploymentServer(config) as s:
         # -- a decode worker breaks while streams are decoding on both decode workers
         d_broken, d_ok = workers(s, "decode")

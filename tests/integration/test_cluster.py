@@ -7,9 +7,9 @@ import pytest
 import ray
 
 from pdserve import LLM, SamplingParams
-from pdserve.cluster.builder import ServeConfig, build
+from pdserve.cluster.builder import build
 from pdserve.cluster.client import WorkerFailed
-from pdserve.config import EngineConfig
+from pdserve.config import EngineConfig, ServeConfig
 from pdserve.protocol import EngineRequest
 
 pytestmark = pytest.mark.ray
@@ -29,7 +29,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def pd(runner):
-    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=128), prefill_workers=1, decode_workers=1, lease_s=3.0)
+    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=128), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 3})
     dep = runner.run_until_complete(build(cfg))
     yield dep
     runner.run_until_complete(dep.shutdown())
@@ -106,11 +106,11 @@ def test_unclaimed_handoff_is_freed_when_the_lease_expires(runner, pd):
     assert runner.run_until_complete(prefill.leak_report.remote()) is not None  # held under the lease
     start = time.time()
     assert runner.run_until_complete(wait_no_leak(pd, timeout=10)) == []
-    assert time.time() - start < pd.config.lease_s + 2
+    assert time.time() - start < pd.config.worker.lease_s + 2
 
 
 def test_killed_decode_worker_fails_the_request_and_prefill_frees(runner):
-    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=64), prefill_workers=1, decode_workers=1, lease_s=30.0)
+    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=64), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})
     dep = runner.run_until_complete(build(cfg))
     try:
         decode, prefill = role_handle(dep, "decode"), role_handle(dep, "prefill")

@@ -1,0 +1,98 @@
+"""Command-line flags generated from the config tree: every leaf key `a.b_c` is `--a.b-c VALUE`, and the
+established short flags (`--port`, `--prefill-workers`, ...) are aliases of their keys. Values reach the tree
+as strings (JSON for mappings) and pydantic validates them, so a bad value names its key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel
+
+from pdserve.config import ServeConfig
+
+# short flag -> key; the key's flag works too. Defaults and help come from the tree.
+ALIASES = {
+    "--name": "name",
+    "--address": "address",
+    "--model": "engine.model",
+    "--dtype": "engine.dtype",
+    "--device": "engine.device",
+    "--block-size": "engine.block_size",
+    "--num-kv-blocks": "engine.num_kv_blocks",
+    "--max-model-len": "engine.max_model_len",
+    "--max-num-seqs": "engine.max_num_seqs",
+    "--max-num-batched-tokens": "engine.max_num_batched_tokens",
+    "--lease-s": "worker.lease_s",
+    "--transport": "kv.transport",
+    "--routing": "routing.policy",
+    "--routing-temperature": "routing.temperature",
+    "--max-waiting": "routing.max_waiting_per_worker",
+    "--local-prefill-max-tokens": "routing.disagg.local_prefill_max_tokens",
+    "--prefill-workers": "pools.prefill",
+    "--decode-workers": "pools.decode",
+    "--colocated-workers": "pools.colocated",
+    "--host": "frontend.host",
+    "--port": "frontend.port",
+    "--frontends": "frontend.frontends",
+    "--api-key": "frontend.api_key",
+    "--served-model-name": "frontend.served_model_name",
+    "--max-pending": "frontend.max_pending",
+}
+_DEST_PREFIX = "cfg:"
+
+
+def leaves(model: type[BaseModel] = ServeConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, FieldInfo) for every leaf of the tree."""
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from leaves(kind, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def flag_of(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` plus one flag per leaf key (and its alias); unset flags stay out of the namespace."""
+    parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file with config keys")
+    short = {key: alias for alias, key in ALIASES.items()}
+    group = parser.add_argument_group("config keys (also PDSERVE_<SECTION>__<KEY> and --config FILE)")
+    for key, field in leaves():
+        names = [short[key], flag_of(key)] if key in short else [flag_of(key)]
+        default = field.get_default(call_default_factory=True)
+        text = f"{field.description or key} (key {key}; default {json.dumps(default, default=str)})"
+        group.add_argument(*names, dest=_DEST_PREFIX + key, default=argparse.SUPPRESS, metavar="V", help=text)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The nested dict of the config keys given on the command line."""
+    out: dict = {}
+    fields = dict(leaves())
+    for dest, raw in vars(args).items():
+        if not dest.startswith(_DEST_PREFIX):
+            continue
+        key = dest[len(_DEST_PREFIX) :]
+        node = out
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = _value(key, raw, fields[key])
+    return out
+
+
+def _value(key: str, raw: str, field) -> Any:
+    text = str(field.annotation)
+    if "dict" in text:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key}: expected a JSON object, got {raw!r} ({e})") from None
+    if raw.lower() in ("none", "null") and "None" in text:
+        return None
+    return raw

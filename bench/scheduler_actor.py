@@ -11,7 +11,47 @@ from collections import deque
 import numpy as np
 from scheduler_harness import BS, SimWorkers, pct_us
 
-from pdserve.scheduler.router import RouterConfig
+from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
+from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+
+
+class GlobalScheduler:
+    """The Router alone in an actor (as the controller runs it, without the lifecycle), to time actor calls."""
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.router = Router(config)
+
+    def register(self, workers: list[tuple[str, str]]) -> None:
+        for worker_id, role in workers:
+            self.router.register(worker_id, role)
+
+    def remove(self, worker_id: str) -> None:
+        self.router.remove(worker_id)
+
+    def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
+        return self.router.report(stats, events)
+
+    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
+        self.router.resync(worker_id, epoch, seq, hashes)
+
+    def route(self, req: RouteRequest) -> Route | NoCapacity:
+        """Returns the exception instead of raising it, so callers get it without a Ray error wrapper."""
+        try:
+            return self.router.route(req)
+        except NoCapacity as e:
+            return e
+
+    def route_batch(self, reqs: list[RouteRequest]) -> list[Route | NoCapacity]:
+        """Many decisions in one call (the API server batches requests that arrive together)."""
+        return [self.route(r) for r in reqs]
+
+    def snapshot(self) -> dict:
+        return {
+            "views": {k: vars(v) for k, v in self.router.views.items()},
+            "decisions": {f"{a}/{b}": n for (a, b), n in self.router.decisions.items()},
+            "index_blocks": len(self.router.index),
+        }
+
 
 # ---- (b) through the actor ------------------------------------------------------------------------------
 
@@ -19,12 +59,11 @@ from pdserve.scheduler.router import RouterConfig
 def run_actor(warm, timed, args) -> dict:
     import ray
 
-    from pdserve.cluster.client import RouteBatcher
-    from pdserve.scheduler.router import GlobalScheduler
+    from pdserve.cluster.routing import RouteBatcher
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        sched = GlobalScheduler.remote(
+        sched = ray.remote(num_cpus=0)(GlobalScheduler).remote(
             RouterConfig(policy=args.actor_policy, block_size=BS, max_index_blocks=args.index_blocks)
         )
         sim = SimWorkers(args.prefill, args.decode, args.worker_blocks)

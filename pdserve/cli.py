@@ -1,5 +1,5 @@
-"""`pdserve` command line: serve (the disaggregated deployment + OpenAI API), generate (offline, one
-engine) and make-model (write the demo model)."""
+"""`pdserve` command line: serve (a deployment + OpenAI API), config (the effective config), status, scale,
+drain and shutdown (a running deployment), generate (offline, one engine), make-model (the demo model)."""
 
 from __future__ import annotations
 
@@ -57,62 +57,12 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
+    from pdserve.cli_ops import serve
 
     config = _load(args)
     if config.engine.model is None:
         print(DEMO_NOTE, file=sys.stderr)
-    return asyncio.run(_serve_async(config))
-
-
-async def _serve_async(config) -> int:
-    import asyncio
-
-    import uvicorn
-
-    from pdserve.api.app import create_app
-    from pdserve.cluster.builder import build
-    from pdserve.metrics import Metrics
-
-    metrics = Metrics()
-    deployment = await build(config, metrics)
-    fe = config.frontend
-    app = create_app(
-        deployment.client,
-        served_model_name=fe.served_model_name,
-        api_key=fe.api_key,
-        metrics=metrics,
-        max_pending=fe.max_pending,
-    )
-    server = uvicorn.Server(uvicorn.Config(app, host=fe.host, port=fe.port, log_level="warning"))
-
-    async def announce() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        name = fe.served_model_name or deployment.client.info.model_id
-        pools = config.pools
-        workers = f"{pools.prefill} prefill + {pools.decode} decode"
-        if pools.colocated:
-            workers += f" + {pools.colocated} colocated"
-        auth = " -H 'Authorization: Bearer $KEY'" if fe.api_key else ""
-        print(
-            f"pdserve ready on http://{fe.host}:{fe.port}/v1 (model {name}; {workers} workers; "
-            f"transport {config.kv.transport}; routing {config.routing.policy})",
-            flush=True,
-        )
-        print(
-            f"try: curl -s http://127.0.0.1:{fe.port}/v1/completions -H 'Content-Type: application/json'{auth}"
-            f' -d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',
-            flush=True,
-        )
-
-    task = asyncio.ensure_future(announce())
-    try:
-        await server.serve()
-    finally:
-        task.cancel()
-        await deployment.shutdown()
-    return 0
+    return serve(config, args.detach)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pdserve.cli_flags import add_config_flags
 
-    srv = sub.add_parser("serve", help="start workers on Ray and the OpenAI-compatible HTTP API")
+    srv = sub.add_parser("serve", help="start a deployment (controller, workers, HTTP frontends) on Ray")
+    srv.add_argument("--detach", action="store_true", help="leave it running in the Ray cluster and return")
     add_config_flags(srv)
     srv.set_defaults(func=_serve)
 
@@ -141,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-kv-blocks", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.set_defaults(func=_generate)
+
+    from pdserve.cli_ops import add_parsers
+
+    add_parsers(sub)
 
     mk = sub.add_parser("make-model", help="write the embedded demo model as a Hugging Face directory")
     mk.add_argument("dir")

@@ -129,6 +129,13 @@ class FailureConfig(Section):
     replace_dead_workers: bool = Field(True, description="start a replacement for a dead worker")
 
 
+class ControllerConfig(Section):
+    metrics_port: int = Field(9400, ge=0, le=65535, description="the controller's /metrics port (0: any free one)")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of the controller (-1: unlimited)")
+    worker_start_timeout_s: float = Field(300.0, gt=0, description="a worker not ready by then is replaced")
+    drain_timeout_s: float = Field(300.0, gt=0, description="a draining worker is stopped after this long")
+
+
 class ServeConfig(BaseSettings):
     """A whole deployment. `name` names its controller and actors in Ray's `pdserve` namespace."""
 
@@ -145,6 +152,7 @@ class ServeConfig(BaseSettings):
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
@@ -168,6 +176,21 @@ class ServeConfig(BaseSettings):
 
     def replace(self, **changes: Any) -> ServeConfig:
         return load_config(overrides=_merge(self.model_dump(), changes), env=False)
+
+
+NAMESPACE = "pdserve"  # the Ray namespace of every deployment's named actors
+
+
+def worker_actor_name(deployment: str, worker_id: str) -> str:
+    return f"{deployment}.worker.{worker_id}"
+
+
+def frontend_actor_name(deployment: str, index: int) -> str:
+    return f"{deployment}.frontend.{index}"
+
+
+def controller_actor_name(deployment: str) -> str:
+    return f"{deployment}.controller"
 
 
 _yaml_file: str | None = None  # set only while `load_config` builds a config from a file

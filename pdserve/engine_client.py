@@ -41,8 +41,12 @@ class EngineClient(Protocol):
     ) -> AsyncIterator[TokenDelta]:
         """Stream one request's deltas; validation already passed."""
 
+    async def check_ready(self) -> None:
+        """Raise ServiceUnavailable unless workers that can prefill and decode are ready now."""
+
     async def check_health(self) -> None:
-        """Raise ServiceUnavailable unless a tiny request can go through the data path now."""
+        """Liveness: raise ServiceUnavailable unless this process can serve at all (its engine loop runs, or it
+        reaches its controller). Never a data-path request."""
 
     async def stats(self) -> dict:
         """Per-worker numbers for /health and gauges (running, waiting, kv usage, ...)."""

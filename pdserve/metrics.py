@@ -29,8 +29,10 @@ WORKER_LABELS = ("worker", "role")
 
 
 class Metrics:
-    """The metric objects of one registry. Request metrics are observed by the API server, the TTFT
-    decomposition and KV-transfer metrics by the cluster client, worker gauges from the engine client's `stats()`."""
+    """A frontend's metric objects (one registry). Request metrics are observed by the API server, the TTFT
+    decomposition, KV-transfer and retry metrics by the cluster client (each value in one histogram),
+    and an in-process engine's gauges from `LocalClient.stats()`. A deployment's per-worker and routing
+    series are the controller's (`pdserve/controller/metrics.py`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
@@ -88,12 +90,6 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.ttft_kv_transfer = Histogram(
-            "pdserve_ttft_kv_transfer_seconds",
-            "Part of TTFT spent handing the prompt KV to the decode worker",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
         self.kv_transfer_bytes = Counter(
             "pdserve_kv_transfer_bytes_total", "KV cache bytes moved between workers", registry=r
         )
@@ -104,39 +100,16 @@ class Metrics:
             registry=r,
         )
 
-        # ---- global scheduler (observed by the cluster client from each Route) --------------------
-        self.routing_decisions = Counter(
-            "pdserve_routing_decisions_total",
-            "Routing decisions by policy and the policy's reason (prefix_hit, load, imbalanced, ...)",
-            ["policy", "reason"],
-            registry=r,
-        )
-        self.disagg_decisions = Counter(
-            "pdserve_disaggregation_decisions_total",
-            "Where prompts were prefilled: disaggregated, or locally on the decode worker and why",
-            ["decision"],
-            registry=r,
-        )
-        self.scheduler_decision_seconds = Histogram(
-            "pdserve_scheduler_decision_seconds",
-            "Time the global scheduler spent on one routing decision",
-            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
-            registry=r,
-        )
-        self.prefix_prompt_tokens = Counter(
-            "pdserve_prefix_cache_prompt_tokens_total",
-            "Prompt tokens by the worker that prefilled them (denominator of its prefix hit rate)",
-            ["worker"],
-            registry=r,
-        )
-        self.prefix_hit_tokens = Counter(
-            "pdserve_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from that worker's prefix cache (numerator of its prefix hit rate)",
-            ["worker"],
+        self.request_retries = Counter(
+            "pdserve_request_retries_total",
+            "Requests routed again after a worker died: before_first_token (re-routed) or mid_stream "
+            "(continued on another worker by recompute)",
+            ["cause"],
             registry=r,
         )
 
-        # ---- per-worker gauges, refreshed from EngineClient.stats() --------------------------------
+        # ---- per-worker gauges of an in-process engine (LocalClient.stats()); a deployment's per-worker
+        # series come from its controller instead, once however many frontends run --------------------------------
         self.worker_running = Gauge(
             "pdserve_worker_running_requests", "Requests running on a worker", WORKER_LABELS, registry=r
         )

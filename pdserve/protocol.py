@@ -203,6 +203,22 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     num_prefill_tokens_queued: int  # prompt tokens admitted but not yet computed
     time: float  # wall clock when taken
     alive: bool = True
+    draining: bool = False
+    # cumulative since the worker started, over the prompts it prefilled (its prefix-cache hit rate)
+    prefix_prompt_tokens_total: int = 0
+    prefix_hit_tokens_total: int = 0
+    num_requests_total: int = 0  # requests admitted (generate, prefill, or a KV import), cumulative
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """Who a worker is: what the controller's registry rebuilds itself from after a restart."""
+
+    worker_id: str
+    role: str
+    node_id: str
+    pid: int
+    started_at: float
+    peer: PeerInfo
 
 
 class RouteRequest(msgspec.Struct, kw_only=True):

@@ -13,6 +13,19 @@ if str(_ROOT) not in sys.path:  # so `from tests.models import ...` works howeve
 
 from tests.models import LLAMA3_ROPE_SCALING, build_hf_model  # noqa: E402
 
+
+def serve_config(**kw):
+    """A ServeConfig for a test deployment: its own name (several may share one Ray cluster) and a free
+    port for its controller's metrics."""
+    import uuid
+
+    from pdserve.config import ServeConfig
+
+    kw.setdefault("name", f"t{uuid.uuid4().hex[:8]}")
+    kw.setdefault("controller", {"metrics_port": 0})
+    return ServeConfig(**kw)
+
+
 _MARKERS = {
     "gpu": "needs a CUDA device",
     "slow": "slow test",

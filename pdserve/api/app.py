@@ -90,21 +90,32 @@ def create_app(
         ctx.check_model(model)
         return model_card()
 
+    async def probe(check, word: str) -> Response:
+        try:
+            await check()
+        except ServiceUnavailable as e:
+            return error_response(APIError(503, f"{word}: {e}", code="service_unavailable"))
+        except Exception as e:  # any failure of the probe means the answer is no
+            logger.warning("%s probe failed: %r", word, e)
+            return error_response(APIError(503, f"{word}: {type(e).__name__}: {e}", code="service_unavailable"))
+        return JSONResponse({"status": "ok", "model": ctx.served_model_name})
+
     @app.get("/health")
     async def health() -> Response:
-        try:
-            await client.check_health()
-        except ServiceUnavailable as e:
-            return error_response(APIError(503, f"unhealthy: {e}", code="service_unavailable"))
-        except Exception as e:  # any failure of the probe means the data path is not serving
-            logger.warning("health check failed: %r", e)
-            return error_response(APIError(503, f"unhealthy: {type(e).__name__}: {e}", code="service_unavailable"))
-        return JSONResponse({"status": "ok", "model": ctx.served_model_name})
+        """Liveness: this process runs and reaches what it depends on (never a data-path probe)."""
+        return await probe(client.check_health, "unhealthy")
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: workers that can prefill and decode are ready."""
+        return await probe(client.check_ready, "not ready")
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         try:
-            metrics.set_worker_stats(await asyncio.wait_for(client.stats(), STATS_TIMEOUT_S))
+            stats = await asyncio.wait_for(client.stats(), STATS_TIMEOUT_S)
+            if "workers" in stats:
+                metrics.set_worker_stats(stats)
         except Exception as e:  # a scrape still returns the API's own metrics
             logger.warning("client.stats() failed: %r", e)
             metrics.set_worker_stats({"workers": []})  # no stale worker gauges: unknown is not healthy

@@ -1,6 +1,6 @@
-"""Router: pools, worker views fed by load reports and KV events, admission, and routing decisions;
-`GlobalScheduler` is its Ray actor. Control plane only: it sees request sizes and block hashes, never
-tokens or KV.
+"""Router: pools, worker views fed by load reports and KV events, admission, and routing decisions; the
+controller (`pdserve/controller/`) runs it, so membership and routing never disagree. Control plane only:
+it sees request sizes and block hashes, never tokens or KV.
 
 A decision is recorded at once (pending load, predicted cache entries) so a burst is spread before the
 next reports arrive; a report supersedes the load decisions made before it was taken.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_right
-
-import ray
 
 from pdserve.config import EngineConfig, RoutingConfig, ServeConfig
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
@@ -187,40 +185,3 @@ class Router:
             predicted_cached_tokens=filler.cached_tokens,
             decision_s=time.perf_counter() - start,
         )
-
-
-@ray.remote(num_cpus=0)
-class GlobalScheduler:
-    def __init__(self, config: RouterConfig | None = None) -> None:
-        self.router = Router(config)
-
-    def register(self, workers: list[tuple[str, str]]) -> None:
-        for worker_id, role in workers:
-            self.router.register(worker_id, role)
-
-    def remove(self, worker_id: str) -> None:
-        self.router.remove(worker_id)
-
-    def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
-        return self.router.report(stats, events)
-
-    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
-        self.router.resync(worker_id, epoch, seq, hashes)
-
-    def route(self, req: RouteRequest) -> Route | NoCapacity:
-        """Returns the exception instead of raising it, so callers get it without a Ray error wrapper."""
-        try:
-            return self.router.route(req)
-        except NoCapacity as e:
-            return e
-
-    def route_batch(self, reqs: list[RouteRequest]) -> list[Route | NoCapacity]:
-        """Many decisions in one call (the API server batches requests that arrive together)."""
-        return [self.route(r) for r in reqs]
-
-    def snapshot(self) -> dict:
-        return {
-            "views": {k: vars(v) for k, v in self.router.views.items()},
-            "decisions": {f"{a}/{b}": n for (a, b), n in self.router.decisions.items()},
-            "index_blocks": len(self.router.index),
-        }

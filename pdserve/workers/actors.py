@@ -14,7 +14,6 @@ import ray
 
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.protocol import EngineRequest, KVHandoff, PeerInfo
-from pdserve.workers.worker import Worker
 
 
 class _WorkerActor:
@@ -22,10 +21,13 @@ class _WorkerActor:
 
     def __init__(self, worker_id: str, config: EngineConfig, options: WorkerConfig, transport: str) -> None:
         self._args = (worker_id, config, options, transport)
-        self.w: Worker | None = None
+        self._note: dict = {}
+        self.w = None  # the Worker, built by start()
 
     async def start(self) -> PeerInfo:
         if self.w is None:
+            from pdserve.workers.worker import Worker  # here: whoever creates the actor need not load torch
+
             worker_id, config, options, transport = self._args
             self.w = Worker(worker_id, self.role, config, options, transport, on_fatal=_exit_process)
         return self.w.peer_info()
@@ -33,8 +35,23 @@ class _WorkerActor:
     async def add_peers(self, infos: list[PeerInfo]) -> None:
         self.w.add_peers(infos)
 
-    async def set_scheduler(self, handle) -> None:
-        self.w.set_scheduler(handle)
+    async def info(self):
+        return self.w.info()
+
+    async def keep_note(self, note: dict) -> None:
+        """The controller's desired state (pool targets), replicated on every worker so a restarted
+        controller gets it back from any survivor; the newest (by `time`) wins."""
+        if note.get("time", 0) >= self._note.get("time", 0):
+            self._note = note
+
+    async def note(self) -> dict:
+        return self._note
+
+    async def set_controller(self, handle) -> None:
+        self.w.set_controller(handle)
+
+    async def wait_closed(self) -> None:
+        await self.w.wait_closed()
 
     async def ping(self) -> bool:
         return True

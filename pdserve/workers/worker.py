@@ -77,7 +77,13 @@ class Worker:
         self._leases: dict[str, _Lease] = {}
         self._draining = False
         self._closed = False
-        self._scheduler = None
+        self._controller = None
+        self._closed_event = asyncio.Event()
+        self._first_pending: set[str] = set()  # requests prefilled here whose first token has not come out
+        self.prefix_prompt_tokens_total = 0
+        self.prefix_hit_tokens_total = 0
+        self.num_requests_total = 0
+        self.started_at = time.time()
         self.loop = EngineLoop(
             self.engine, self._on_outputs, name=f"engine-{worker_id}", on_error=self._on_engine_error
         )
@@ -92,10 +98,29 @@ class Worker:
             if info.name != self.worker_id:
                 self.transport.add_peer(info)
 
-    def set_scheduler(self, handle) -> None:
-        """Start pushing load reports to the global scheduler."""
-        self._scheduler = handle
-        self._tasks.append(asyncio.ensure_future(self._report_loop()))
+    def info(self):
+        import os
+
+        import ray
+
+        from pdserve.protocol import WorkerInfo
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, node_id=node, pid=os.getpid(),
+            started_at=self.started_at, peer=self.peer_info(),
+        )  # fmt: skip
+
+    def set_controller(self, handle) -> None:
+        """Start pushing load reports (the heartbeat) to the controller; idempotent."""
+        first = self._controller is None
+        self._controller = handle
+        if first:
+            self._tasks.append(asyncio.ensure_future(self._report_loop()))
+
+    async def wait_closed(self) -> None:
+        """Returns when the worker shuts down (a death is seen by the caller as an actor error)."""
+        await self._closed_event.wait()
 
     async def health(self) -> bool:
         if not self.loop.alive:
@@ -104,8 +129,14 @@ class Worker:
         return True
 
     async def stats(self) -> WorkerStats:
-        raw = await self.loop.call(lambda e: e.stats())
-        return WorkerStats(worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.loop.alive, **raw)
+        return self._stats(await self.loop.call(lambda e: e.stats()))
+
+    def _stats(self, raw: dict) -> WorkerStats:
+        return WorkerStats(
+            worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.loop.alive,
+            draining=self._draining, prefix_prompt_tokens_total=self.prefix_prompt_tokens_total,
+            prefix_hit_tokens_total=self.prefix_hit_tokens_total, num_requests_total=self.num_requests_total, **raw,
+        )  # fmt: skip
 
     async def leak_report(self) -> str | None:
         """None when every KV block is free or cached-and-unreferenced; otherwise what is still held."""
@@ -133,6 +164,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        self._closed_event.set()
         for t in self._tasks:
             t.cancel()
         self.loop.stop()
@@ -177,6 +209,10 @@ class Worker:
     def _deliver(self, deltas: list[TokenDelta], handoffs: dict) -> None:
         out = []
         for d in deltas:
+            if d.request_id in self._first_pending and (d.new_token_ids or d.finished):
+                self._first_pending.discard(d.request_id)
+                self.prefix_prompt_tokens_total += d.num_prompt_tokens
+                self.prefix_hit_tokens_total += d.num_cached_tokens
             fut = self._prefills.pop(d.request_id, None)
             if fut is None:
                 out.append(d)
@@ -226,7 +262,13 @@ class Worker:
     async def generate(self, req: EngineRequest) -> None:
         """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs."""
         self._admit_check()
-        await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
+        self.num_requests_total += 1
+        self._first_pending.add(req.request_id)
+        try:
+            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
+        except BaseException:
+            self._first_pending.discard(req.request_id)
+            raise
 
     async def prefill(self, req: EngineRequest, decode_worker: str = "", decode_handle=None) -> PrefillResult:
         """Compute the prompt and the first token; hold the blocks under a lease for `decode_worker`."""
@@ -234,12 +276,15 @@ class Worker:
         fut = self._aio.create_future()
         self._prefills[req.request_id] = fut
         self._leases[req.request_id] = _Lease(time.time() + self.options.lease_s, decode_worker, decode_handle)
+        self._first_pending.add(req.request_id)
+        self.num_requests_total += 1
         try:
             await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, "prefill"))
             result = await asyncio.shield(fut)
         except BaseException:
             self._prefills.pop(req.request_id, None)
             self._leases.pop(req.request_id, None)
+            self._first_pending.discard(req.request_id)
             await self._abort_local([req.request_id])
             raise
         if result.handoff is None:
@@ -260,6 +305,7 @@ class Worker:
     async def decode(self, handoff: KVHandoff, prefill_handle=None) -> DecodeStarted:
         """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding."""
         self._admit_check()
+        self.num_requests_total += 1
         rid = handoff.request.request_id
         reservation = await self._reserve(handoff)
         n = reservation.num_cached_blocks
@@ -312,6 +358,7 @@ class Worker:
             fut = self._prefills.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.cancel()
+            self._first_pending.discard(rid)
             self._leases.pop(rid, None)
             if rid in self._pulling:
                 self._abort_after_pull.add(rid)
@@ -351,25 +398,30 @@ class Worker:
                         self._release_now(rid)
 
     async def _report_loop(self) -> None:
-        """Load and KV events to the scheduler; a full snapshot of the prefix cache when it asks to resync."""
+        """Load and KV events to the controller (the heartbeat); a full snapshot of the prefix cache when it
+        asks to resync (a gap, or a restarted controller that lost its index)."""
         import uuid
 
-        epoch, seq = uuid.uuid4().hex, 0
+        epoch, seq, failing = uuid.uuid4().hex, 0, False
         while True:
             try:
                 raw, events = await self.loop.call(lambda e: (e.stats(), e.take_kv_events()))
                 seq += 1
-                stats = WorkerStats(worker_id=self.worker_id, role=self.role, time=time.time(), alive=True, **raw)
                 batch = KVEventBatch(worker_id=self.worker_id, epoch=epoch, seq=seq, events=events)
-                if not await self._scheduler.report.remote(stats, batch):
+                if not await asyncio.wait_for(self._controller.report.remote(self._stats(raw), batch), 5.0):
                     seq += 1
                     hashes = await self.loop.call(lambda e: e.kv_snapshot())
-                    await self._scheduler.resync.remote(self.worker_id, epoch, seq, hashes)
+                    await asyncio.wait_for(self._controller.resync.remote(self.worker_id, epoch, seq, hashes), 5.0)
+                if failing:
+                    log.warning("reports to the controller go through again")
+                failing = False
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the scheduler restarting must not kill the worker; the next report resyncs
-                log.exception("load report failed")
-                seq += 1  # a gap: the scheduler will ask for a resync
+            except Exception as e:  # a restarting controller must not kill the worker; the next report resyncs
+                if not failing:
+                    log.warning("report to the controller failed (%r); retrying", e)
+                failing = True
+                seq += 1  # a gap: the controller will ask for a resync
             await asyncio.sleep(self.options.report_interval_s)
 
 

@@ -33,7 +33,6 @@ METRIC_NAMES = [
     "pdserve_e2e_request_latency_seconds",
     "pdserve_ttft_queue_seconds",
     "pdserve_ttft_prefill_seconds",
-    "pdserve_ttft_kv_transfer_seconds",
     "pdserve_kv_transfer_bytes_total",
     "pdserve_kv_transfer_seconds",
     "pdserve_worker_running_requests",

@@ -20,9 +20,10 @@ import uvicorn
 
 from pdserve import LLM, SamplingParams
 from pdserve.api.app import create_app
-from pdserve.cluster.builder import build
 from pdserve.config import EngineConfig, ServeConfig
+from pdserve.controller.deploy import build
 from pdserve.metrics import Metrics
+from tests.conftest import serve_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -74,9 +75,13 @@ class DeploymentServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def leaks(self, timeout: float = 10.0) -> list[str]:
+        """What the ready workers still hold (after the deployment is back at its target size)."""
+        ray.get(self.deployment.controller.wait_ready.remote(60))
         deadline = time.time() + timeout
         while True:
-            live = [h for w, h in self.deployment.handles.items() if w not in self.deployment.client._dead]
+            ready = {w["worker_id"] for w in ray.get(self.deployment.controller.status.remote())["workers"]
+                     if w["state"] == "ready"}  # fmt: skip
+            live = [h for w, h in self.deployment.handles.items() if w in ready]
             reports = [r for r in ray.get([h.leak_report.remote() for h in live]) if r]
             if not reports or time.time() > deadline:
                 return reports
@@ -96,7 +101,7 @@ def engine(**kw):
 
 @pytest.fixture(scope="module")
 def pd(ray_cluster):
-    with DeploymentServer(ServeConfig(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 5})) as s:
+    with DeploymentServer(serve_config(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 5})) as s:
         yield s
 
 
@@ -108,9 +113,7 @@ def complete(client, prompt, **kw):
 def test_disaggregated_equals_colocated_equals_offline(ray_cluster, pd):
     offline = LLM(num_kv_blocks=256).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
     expected = [o.text for o in offline]
-    with DeploymentServer(
-        ServeConfig(engine=engine(), pools={"prefill": 0, "decode": 0, "colocated": 1})
-    ) as colo:
+    with DeploymentServer(serve_config(engine=engine(), pools={"prefill": 0, "decode": 0, "colocated": 1})) as colo:
         for server in (pd, colo):
             client = server.client()
             got = [complete(client, p).choices[0].text for p in PROMPTS]
@@ -193,17 +196,21 @@ def test_cancel_mid_stream_and_bad_inputs(pd):
         client.completions.create(model="pdserve-demo", prompt="x" * 5000, max_tokens=2)
     assert complete(client, "still serving").usage.completion_tokens == 12
     assert httpx.get(f"{pd.url}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{pd.url}/ready", timeout=30).status_code == 200
     metrics = httpx.get(f"{pd.url}/metrics", timeout=30).text
-    for name in (
-        "pdserve_ttft_kv_transfer_seconds_count",
-        "pdserve_kv_transfer_bytes_total",
-        "pdserve_worker_kv_usage_ratio",
-    ):
+    for name in ("pdserve_kv_transfer_seconds_count", "pdserve_kv_transfer_bytes_total", "pdserve_ttft_queue_seconds"):
         assert name in metrics
+    assert "pdserve_worker_kv_usage_ratio{" not in metrics  # per-worker series are the controller's
+    port = ray.get(pd.deployment.controller.status.remote())["controller"]["metrics_port"]
+    controller = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    for name in ("pdserve_worker_kv_usage_ratio", "pdserve_prefix_cache_hit_tokens_total", "pdserve_workers"):
+        assert name in controller
 
 
 def test_killed_decode_worker_gives_a_clean_error(ray_cluster):
-    with DeploymentServer(ServeConfig(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})) as s:
+    with DeploymentServer(
+        serve_config(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})
+    ) as s:
         decode = next(h for w, h in s.deployment.handles.items() if w.startswith("decode"))
         start = time.time()
         with httpx.stream(

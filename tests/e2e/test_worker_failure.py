@@ -1,6 +1,6 @@
-"""A broken engine takes its worker down visibly: the worker's process ends with the traceback in its log,
-the scheduler drops it (prefill workers too), requests in flight on it get a 503 or an SSE error event (never
-a 500), and the next requests are served by the other workers."""
+"""A broken engine takes its worker down visibly: the worker's process ends with the traceback in its log, the
+controller drops it (prefill workers too) and starts a replacement, requests in flight on it get a 503 or an SSE
+error event (never a 500), and the next requests are served by the other workers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 import ray
 
-from pdserve.config import ServeConfig
+from tests.conftest import serve_config
 from tests.e2e.test_pd_server import DeploymentServer, engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
@@ -26,21 +26,18 @@ def ray_cluster():
     ray.shutdown()
 
 
-def handle(server, worker_id):
-    return server.deployment.handles[worker_id]
-
-
 def workers(server, role):
     return sorted(w for w in server.deployment.handles if w.startswith(role))
 
 
-def scheduled_workers(server) -> set[str]:
-    return set(ray.get(server.deployment.scheduler.snapshot.remote())["views"])
+def ready_workers(server) -> set[str]:
+    status = ray.get(server.deployment.controller.status.remote())
+    return {w["worker_id"] for w in status["workers"] if w["state"] == "ready"}
 
 
 def wait_dead(server, worker_id, timeout=15.0) -> None:
     deadline = time.time() + timeout
-    while worker_id in scheduled_workers(server) or worker_id not in server.deployment.client._dead:
+    while worker_id in ready_workers(server) or worker_id in server.deployment.client.workers:
         assert time.time() < deadline, f"{worker_id} was not dropped"
         time.sleep(0.1)
 
@@ -67,16 +64,19 @@ def logged_traceback() -> bool:
 
 
 def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
-    config = ServeConfig(
-        engine=engine(), pools={"prefill": 2, "decode": 2}, routing={"policy": "round_robin"}, worker={"lease_s": 5}
-    )
+    # no retries: this shows what a client gets when a worker fails and nothing can be retried
+    config = serve_config(
+        engine=engine(), pools={"prefill": 2, "decode": 2}, routing={"policy": "round_robin"}, worker={"lease_s": 5},
+        failure={"max_request_retries": 0},
+    )  # fmt: skip
     with DeploymentServer(config) as s:
+        handles = dict(s.deployment.handles)  # kept: the broken ones leave the deployment
         # -- a decode worker breaks while streams are decoding on both decode workers
         d_broken, d_ok = workers(s, "decode")
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(stream, s.url, f"stream {i} " * 5, 400) for i in range(4)]
             time.sleep(1.5)
-            ray.get(handle(s, d_broken).inject_fault.remote("engine_step"))
+            ray.get(handles[d_broken].inject_fault.remote("engine_step"))
             results = [f.result(timeout=60) for f in futures]
         wait_dead(s, d_broken)
         errors = [json.loads(lines[-2][6:])["error"] for lines in results if '"error"' in lines[-2]]
@@ -86,18 +86,19 @@ def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
         assert all(e["code"] == "service_unavailable" and "500" not in e["type"] for e in errors)
         assert all(lines[-1] == "data: [DONE]" for lines in results)
         # -- a prefill worker breaks: the request on it gets a 503, the next ones go to the other prefill worker
-        p_broken, _ = workers(s, "prefill")
-        ray.get(handle(s, p_broken).inject_fault.remote("engine_step"))
+        p_broken, p_ok = workers(s, "prefill")
+        ray.get(handles[p_broken].inject_fault.remote("engine_step"))
         statuses = [complete(s.url, f"prompt {i} " * 20).status_code for i in range(4)]
         assert 503 in statuses and 500 not in statuses
         wait_dead(s, p_broken)
         after = [complete(s.url, f"after {i} " * 20) for i in range(6)]
         assert [r.status_code for r in after] == [200] * 6
-        assert scheduled_workers(s) == {d_ok, *workers(s, "prefill")} - {p_broken}
+        ready = ready_workers(s)
+        assert {d_ok, p_ok} <= ready and not {d_broken, p_broken} & ready
         # -- both are gone for good, visibly: Ray reports the actors dead, their logs hold the traceback
         for worker_id in (d_broken, p_broken):
             with pytest.raises(ray.exceptions.RayActorError):
-                ray.get(handle(s, worker_id).ping.remote(), timeout=10)
+                ray.get(handles[worker_id].ping.remote(), timeout=10)
         deadline = time.time() + 10
         while not logged_traceback():
             assert time.time() < deadline, "the engine's traceback is not in the worker's log"

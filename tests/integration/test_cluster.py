@@ -7,10 +7,11 @@ import pytest
 import ray
 
 from pdserve import LLM, SamplingParams
-from pdserve.cluster.builder import build
-from pdserve.cluster.client import WorkerFailed
-from pdserve.config import EngineConfig, ServeConfig
+from pdserve.config import EngineConfig
+from pdserve.controller.deploy import build
+from pdserve.engine_client import ServiceUnavailable
 from pdserve.protocol import EngineRequest
+from tests.conftest import serve_config
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +30,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def pd(runner):
-    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=128), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 3})
+    cfg = serve_config(engine=EngineConfig(num_kv_blocks=128), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 3})
     dep = runner.run_until_complete(build(cfg))
     yield dep
     runner.run_until_complete(dep.shutdown())
@@ -110,7 +111,7 @@ def test_unclaimed_handoff_is_freed_when_the_lease_expires(runner, pd):
 
 
 def test_killed_decode_worker_fails_the_request_and_prefill_frees(runner):
-    cfg = ServeConfig(engine=EngineConfig(num_kv_blocks=64), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})
+    cfg = serve_config(engine=EngineConfig(num_kv_blocks=64), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 30})
     dep = runner.run_until_complete(build(cfg))
     try:
         decode, prefill = role_handle(dep, "decode"), role_handle(dep, "prefill")
@@ -119,7 +120,7 @@ def test_killed_decode_worker_fails_the_request_and_prefill_frees(runner):
             gen = dep.client.generate("doomed", PROMPTS[2], SamplingParams(temperature=0, max_tokens=50))
             first = await gen.__anext__()  # prefill done: the KV is held for the decode worker
             ray.kill(decode)
-            with pytest.raises(WorkerFailed):
+            with pytest.raises(ServiceUnavailable):
                 async for _ in gen:
                     pass
             return first

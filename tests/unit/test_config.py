@@ -37,7 +37,9 @@ def test_defaults_are_the_trees():
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path, monkeypatch):
     file = tmp_path / "c.yaml"
-    file.write_text(yaml.safe_dump({"engine": {"block_size": 8, "max_num_seqs": 7, "seed": 3}, "frontend": {"port": 1}}))
+    file.write_text(
+        yaml.safe_dump({"engine": {"block_size": 8, "max_num_seqs": 7, "seed": 3}, "frontend": {"port": 1}})
+    )
     monkeypatch.setenv("PDSERVE_ENGINE__BLOCK_SIZE", "32")
     monkeypatch.setenv("PDSERVE_ENGINE__MAX_NUM_SEQS", "9")
     c = parse("--config", str(file), "--block-size", "64")
@@ -99,8 +101,9 @@ def test_cross_field_rules():
 
 
 def test_config_round_trips_through_yaml(tmp_path):
+    resources = '{"prefill": {"pdserve_prefill": 1}}'
     c = parse("--prefill-workers", "2", "--decode-workers", "3", "--routing-temperature", "0.5", "--api-key", "k",
-              "--pools.resources", '{"prefill": {"pdserve_prefill": 1}}', "--engine.enable-prefix-caching", "false")  # fmt: skip
+              "--pools.resources", resources, "--engine.enable-prefix-caching", "false")  # fmt: skip
     file = tmp_path / "round.yaml"
     file.write_text(to_yaml(c))
     assert load_config(str(file)) == c

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from pdserve.controller.metrics import ControllerMetrics
+from pdserve.controller.registry import Registry, WorkerRecord
 from pdserve.metrics import Metrics
+from pdserve.protocol import WorkerStats
 
 yaml = pytest.importorskip("yaml")
 
@@ -36,7 +39,6 @@ SHOWN = (
     "pdserve_e2e_request_latency_seconds",
     "pdserve_ttft_queue_seconds",
     "pdserve_ttft_prefill_seconds",
-    "pdserve_ttft_kv_transfer_seconds",
     "pdserve_kv_transfer_bytes_total",
     "pdserve_kv_transfer_seconds",
     "pdserve_worker_running_requests",
@@ -75,15 +77,20 @@ def parse(expr: str) -> tuple[set[str], set[str], set[str]]:
 @pytest.fixture(scope="module")
 def exported() -> tuple[set[str], set[str]]:
     """Sample names and label names a scrape shows once every labelled metric has a child."""
-    metrics = Metrics()
-    for metric in vars(metrics).values():
-        if isinstance(metric, MetricWrapperBase) and metric._labelnames:
-            metric.labels(*["x"] * len(metric._labelnames))
+    registry = Registry({"prefill": 1, "decode": 1})
+    registry.add(WorkerRecord("p0", "prefill", state="ready", stats=WorkerStats(
+        worker_id="p0", role="prefill", num_running=0, num_waiting=0, num_held=0, num_free_blocks=1, num_blocks=1,
+        kv_usage=0.0, num_prefill_tokens_queued=0, time=0.0,
+    )))  # fmt: skip
     names, labels = set(), set(TARGET_LABELS)
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            names.add(sample.name)
-            labels.update(sample.labels)
+    for metrics in (Metrics(), ControllerMetrics(lambda: registry)):  # a frontend's and the controller's
+        for metric in vars(metrics).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                metric.labels(*["x"] * len(metric._labelnames))
+        for family in metrics.registry.collect():
+            for sample in family.samples:
+                names.add(sample.name)
+                labels.update(sample.labels)
     return names, labels
 
 
@@ -197,7 +204,7 @@ def test_prometheus_config(rules):
     config = yaml.safe_load(PROMETHEUS.read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "pdserve"]
     assert job["metrics_path"] == "/metrics" and job["scrape_interval"] == "5s"
-    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000", "127.0.0.1:9400"]  # a frontend, the controller
     matched = {p for pattern in config["rule_files"] for p in PROMETHEUS.parent.glob(pattern)}
     assert RULES in matched  # rule_files are relative to the config file
     # The alerts' target selector matches the scrape job.

@@ -11,9 +11,11 @@ PKG = Path(__file__).resolve().parents[2] / "pdserve"
 RULES = {
     "engine": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.scheduler"},
     "kv": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.scheduler"},
-    "scheduler": {"torch", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
+    "scheduler": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
     "api": {"torch", "ray", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.scheduler", "pdserve.cluster"},
-    "workers": {"fastapi", "starlette", "uvicorn", "pdserve.api", "pdserve.cluster"},
+    "workers": {"fastapi", "starlette", "uvicorn", "pdserve.api", "pdserve.cluster", "pdserve.controller"},
+    "cluster": {"torch", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.controller"},
+    "controller": {"torch", "fastapi", "uvicorn", "pdserve.engine", "pdserve.kv", "pdserve.workers.worker"},
 }
 
 

@@ -1,0 +1,161 @@
+"""`pdserve serve` (foreground, or `--detach` into a running cluster) and the commands that operate a running
+deployment by name: status, scale, drain, shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+
+
+def serve(config, detach: bool) -> int:
+    return asyncio.run(_serve(config, detach))
+
+
+async def _serve(config, detach: bool) -> int:
+    import os
+
+    from pdserve.controller.deploy import deploy
+
+    if detach and not (config.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--detach needs a running Ray cluster to leave the service in: give --address auto")
+    dep = await deploy(config, serve_http=True)
+    status = await dep.status()
+    _announce(config, status, detach)
+    if detach:
+        return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("pdserve: shutting down", file=sys.stderr, flush=True)
+        await dep.shutdown()
+    return 0
+
+
+def _announce(config, status: dict, detach: bool) -> None:
+    fe = config.frontend
+    urls = [f["url"] for f in status["frontends"]]
+    name = fe.served_model_name or _model_name(config)
+    pools = config.pools
+    workers = f"{pools.prefill} prefill + {pools.decode} decode"
+    if pools.colocated:
+        workers += f" + {pools.colocated} colocated"
+    where = ", ".join(f"{u}/v1" for u in urls)
+    print(
+        f"pdserve ready on {where} (deployment {config.name}; model {name}; {workers} workers; "
+        f"transport {config.kv.transport}; routing {config.routing.policy})",
+        flush=True,
+    )
+    auth = " -H 'Authorization: Bearer $KEY'" if fe.api_key else ""
+    print(
+        f"try: curl -s http://127.0.0.1:{fe.port}/v1/completions -H 'Content-Type: application/json'{auth}"
+        f' -d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',
+        flush=True,
+    )
+    if detach:
+        print(f"detached: 'pdserve status --name {config.name}' lists it, 'pdserve shutdown --name {config.name}' "
+              "stops it", flush=True)  # fmt: skip
+
+
+def _model_name(config) -> str:
+    from pdserve.model_info import DEMO_MODEL_ID, load_model_info
+
+    return DEMO_MODEL_ID if config.engine.model is None else load_model_info(config.engine.model).model_id
+
+
+# ---- operating a running deployment ------------------------------------------------------------------------
+
+
+def _controller(args: argparse.Namespace):
+    import ray
+
+    from pdserve.config import NAMESPACE
+    from pdserve.controller.deploy import find_controller
+
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    return find_controller(args.name)
+
+
+def status(args: argparse.Namespace) -> int:
+    import ray
+
+    st = ray.get(_controller(args).status.remote(), timeout=60)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    now = time.time()
+    print(f"deployment {st['name']}: targets {st['targets']}; controller pid {st['controller']['pid']}, "
+          f"metrics port {st['controller']['metrics_port']}")  # fmt: skip
+    print(f"{'WORKER':<16}{'ROLE':<11}{'STATE':<10}{'NODE':<14}{'PID':>8}{'RUN':>5}{'WAIT':>6}{'KV':>7}{'UP':>8}")
+    for w in sorted(st["workers"], key=lambda w: (w["role"], w["worker_id"])):
+        print(f"{w['worker_id']:<16}{w['role']:<11}{w['state']:<10}{w['node_id'][:12]:<14}{w['pid']:>8}"
+              f"{w['running']:>5}{w['waiting']:>6}{w['kv_usage']:>7.1%}{now - w['started_at']:>7.0f}s")  # fmt: skip
+    for f in st["frontends"]:
+        print(f"frontend {f['index']}: {f['url']} ({f['state']})")
+    return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    import ray
+
+    sizes = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated}
+    if all(v is None for v in sizes.values()):
+        raise ValueError("give at least one of --prefill, --decode, --colocated")
+    targets = ray.get(_controller(args).scale.remote(**sizes), timeout=60)
+    print(f"targets now {targets}; workers start or drain in the background ('pdserve status' follows them)")
+    return 0
+
+
+def drain(args: argparse.Namespace) -> int:
+    import ray
+
+    ray.get(_controller(args).drain.remote(args.worker_id), timeout=None)
+    print(f"worker {args.worker_id} drained and stopped; its pool's target shrank by one")
+    return 0
+
+
+def shutdown(args: argparse.Namespace) -> int:
+    import ray
+
+    from pdserve.controller.deploy import deployment_actor_names, shutdown_deployment
+
+    asyncio.run(shutdown_deployment(_controller(args)))
+    deadline = time.time() + 30
+    while (left := deployment_actor_names(args.name)) and time.time() < deadline:
+        time.sleep(0.2)
+    if left:
+        print(f"pdserve: still listed after shutdown: {left}", file=sys.stderr)
+        return 1
+    print(f"deployment {args.name} shut down; no named actor of it is left")
+    ray.shutdown()
+    return 0
+
+
+def add_parsers(sub) -> None:
+    def common(p):
+        p.add_argument("--name", default="pdserve", help="deployment name (default pdserve)")
+        p.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+
+    p = sub.add_parser("status", help="workers and frontends of a running deployment")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=status)
+    p = sub.add_parser("scale", help="set pool sizes of a running deployment")
+    common(p)
+    for role in ("prefill", "decode", "colocated"):
+        p.add_argument(f"--{role}", type=int, default=None, metavar="N")
+    p.set_defaults(func=scale)
+    p = sub.add_parser("drain", help="drain and remove one worker (its pool shrinks by one)")
+    common(p)
+    p.add_argument("worker_id")
+    p.set_defaults(func=drain)
+    p = sub.add_parser("shutdown", help="stop every actor of a running deployment")
+    common(p)
+    p.set_defaults(func=shutdown)

@@ -1,0 +1,1 @@
+"""The controller: one detached Ray actor that owns a deployment (registry, router, lifecycle, frontends)."""

@@ -1,0 +1,189 @@
+"""The controller: a detached, named Ray actor that owns one deployment: its config, the worker registry,
+the router (so membership and routing never disagree), the frontends, and the lifecycle (add, drain, replace).
+
+Health: a worker's report is its heartbeat; a worker whose reports stop for `failure.worker_timeout_s`, or
+whose actor dies (a pending `wait_closed` call fails), is dead whatever its role: it leaves the router and
+the index, frontends drop it, and a replacement starts. Workers and frontends are detached named actors,
+so a restarted controller (Ray `max_restarts`) finds them by name and rebuilds its registry from them;
+their next reports resync the prefix index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+from pdserve.config import ROLES, ServeConfig
+from pdserve.controller.lifecycle import Lifecycle
+from pdserve.controller.metrics import ControllerMetrics
+from pdserve.controller.registry import Registry
+from pdserve.protocol import KVEventBatch, RouteRequest, WorkerStats
+from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.2
+DEAD_RECORD_TTL_S = 60.0  # dead workers stay listed in `status` this long
+
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def __init__(self, config: dict, serve_http: bool = True) -> None:
+        self.config = ServeConfig.model_validate(config)
+        self.name = self.config.name
+        self.serve_http = serve_http
+        self.registry = Registry({role: self.config.pools.size(role) for role in ROLES})
+        self.router = Router(RouterConfig.of(self.config))
+        self.metrics = ControllerMetrics(lambda: self.registry)
+        self.metrics_port: int | None = None
+        self.lifecycle: Lifecycle | None = None
+        self._boot: asyncio.Future | None = None
+        self._changed: asyncio.Event | None = None
+        self.started_at = time.time()
+
+    # ---- start-up and recovery ---------------------------------------------------------------------
+    async def _ready(self) -> None:
+        """Idempotent: the first call after a (re)start discovers the deployment's actors and starts the
+        monitor; every public method awaits it, so a restarted controller recovers on its first call."""
+        if self._boot is None:
+            self._boot = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._boot)
+
+    async def _start(self) -> None:
+        self._changed = asyncio.Event()
+        try:
+            self.metrics_port = self.metrics.serve(self.config.controller.metrics_port)
+        except OSError as e:  # the port is taken: the deployment still serves, without controller metrics
+            log.error("controller metrics on port %s unavailable: %s", self.config.controller.metrics_port, e)
+        me = ray.get_runtime_context().current_actor
+        self.lifecycle = Lifecycle(self.config, self.registry, self.router, self.metrics, me, self._notify)
+        await self.lifecycle.discover(self.serve_http)
+        asyncio.ensure_future(self._monitor())
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _monitor(self) -> None:
+        while True:
+            try:
+                now = time.monotonic()
+                for rec in list(self.registry.workers.values()):
+                    if (
+                        rec.state in ("ready", "draining")
+                        and now - rec.last_report > self.config.failure.worker_timeout_s
+                    ):
+                        self.lifecycle.mark_dead(rec.worker_id, "heartbeat_timeout")
+                    elif rec.state == "dead" and now - rec.last_report > DEAD_RECORD_TTL_S:
+                        self.registry.forget(rec.worker_id)
+                self.lifecycle.reconcile(self.serve_http)
+            except Exception:  # the monitor must keep running
+                log.exception("controller monitor pass failed")
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    # ---- data plane's control calls ---------------------------------------------------------------------
+    async def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
+        await self._ready()
+        rec = self.registry.workers.get(stats.worker_id)
+        if rec is None or rec.state == "dead":
+            return True
+        rec.last_report, rec.stats = time.monotonic(), stats
+        return self.router.report(stats, events)
+
+    async def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
+        await self._ready()
+        self.router.resync(worker_id, epoch, seq, hashes)
+
+    async def route_batch(self, reqs: list[RouteRequest]) -> list:
+        """Many decisions in one call (frontends batch the requests that arrive together); a refusal is
+        returned as a `NoCapacity` value, not raised."""
+        await self._ready()
+        out = []
+        policy = self.config.routing.policy
+        for req in reqs:
+            try:
+                route = self.router.route(req)
+            except NoCapacity as e:
+                out.append(e)
+                continue
+            self.metrics.routing_decisions.labels(policy, route.policy_reason).inc()
+            self.metrics.disagg_decisions.labels(route.reason).inc()
+            self.metrics.scheduler_decision_seconds.observe(route.decision_s)
+            out.append(route)
+        return out
+
+    async def worker_failed(self, worker_id: str, cause: str = "actor_died") -> None:
+        """A frontend saw a worker's actor die: drop it now instead of waiting for the watcher."""
+        await self._ready()
+        self.lifecycle.mark_dead(worker_id, cause)
+
+    async def membership(self, version: int = -1, timeout_s: float = 5.0) -> tuple[int, list, list[str]]:
+        """(version, [(worker_id, role, state, handle)], ready roles); waits up to `timeout_s` for a change
+        past `version`, so frontends long-poll it."""
+        await self._ready()
+        if version == self.registry.version:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.registry.version, self.registry.membership(), sorted(self.registry.ready_roles())
+
+    # ---- operations -----------------------------------------------------------------------------------
+    async def ping(self) -> bool:
+        await self._ready()
+        return True
+
+    async def get_config(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+    async def status(self) -> dict:
+        await self._ready()
+        return {
+            "name": self.name,
+            "workers": [r.row() for r in self.registry.workers.values()],
+            "targets": dict(self.registry.targets),
+            "frontends": self.lifecycle.frontend_rows(),
+            "controller": {
+                "pid": __import__("os").getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "metrics_port": self.metrics_port,
+                "started_at": self.started_at,
+            },
+            "index_blocks": len(self.router.index),
+        }
+
+    async def wait_ready(self, timeout_s: float = 300.0) -> dict:
+        """Wait until every target is met with ready workers (and the frontends serve); returns status."""
+        await self._ready()
+        deadline = time.monotonic() + timeout_s
+        while not self.lifecycle.at_target(self.serve_http):
+            failure = self.lifecycle.last_failure
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {self.name!r} not ready within {timeout_s}s (last failure: {failure})")
+            await asyncio.sleep(0.1)
+        return await self.status()
+
+    async def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None) -> dict:
+        await self._ready()
+        self.registry.set_targets(prefill=prefill, decode=decode, colocated=colocated)
+        self.lifecycle.publish_targets()
+        self.lifecycle.reconcile(self.serve_http)
+        return dict(self.registry.targets)
+
+    async def drain(self, worker_id: str) -> None:
+        """Remove one worker, draining it first; its role's target shrinks by one."""
+        await self._ready()
+        await self.lifecycle.remove(worker_id)
+
+    async def inject_fault(self, worker_id: str, kind: str) -> None:
+        await self._ready()
+        await self.registry.workers[worker_id].handle.inject_fault.remote(kind)
+
+    async def shutdown(self) -> None:
+        """Stop every worker and frontend of the deployment (the caller then kills this actor)."""
+        await self._ready()
+        await self.lifecycle.shutdown()

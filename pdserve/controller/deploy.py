@@ -1,0 +1,141 @@
+"""Driver-side operations on a deployment living in the Ray cluster: deploy (start its controller, which
+starts everything else), find it by name, and shut it down leaving no named actor behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import ray
+
+from pdserve.config import NAMESPACE, ServeConfig, controller_actor_name
+from pdserve.controller.actor import Controller
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentExists(ValueError):
+    """A deployment of that name already runs in this Ray cluster."""
+
+
+class NoDeployment(ValueError):
+    """No deployment of that name runs in this Ray cluster."""
+
+
+def init_ray(address: str | None, num_workers: int = 2) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray; True if this process started it."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+        return False
+    cpus = max(os.cpu_count() or 1, num_workers + 2)  # logical CPUs: one per actor even on 2 cores
+    ray.init(num_cpus=cpus, include_dashboard=False, namespace=NAMESPACE, log_to_driver=True)
+    return True
+
+
+def find_controller(name: str):
+    try:
+        return ray.get_actor(controller_actor_name(name), namespace=NAMESPACE)
+    except ValueError:
+        raise NoDeployment(f"no pdserve deployment named {name!r} runs in this Ray cluster") from None
+
+
+def deployment_actor_names(name: str) -> list[str]:
+    """Every named actor of the deployment `name` that Ray still lists (none once it is shut down)."""
+    prefix = f"{name}."
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)
+    )
+
+
+@dataclass
+class Deployment:
+    config: ServeConfig
+    controller: object
+    started_ray: bool = False
+    client: object = None  # a ClusterClient in this process, when asked for
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def handles(self) -> dict[str, object]:
+        """worker id -> actor handle of the workers this process's client sees (live ones)."""
+        return {w: h for w, (_, h) in self.client.workers.items()} if self.client is not None else {}
+
+    async def status(self) -> dict:
+        return await self.controller.status.remote()
+
+    async def shutdown(self) -> None:
+        """Idempotent: stop the client, every worker and frontend, then the controller."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.client is not None:
+            await self.client.shutdown()
+        await shutdown_deployment(self.controller)
+        if self.started_ray:
+            ray.shutdown()
+
+
+async def deploy(
+    config: ServeConfig, *, serve_http: bool = True, connect: bool = False, metrics=None, timeout_s: float = 600.0
+) -> Deployment:
+    """Start the deployment `config.name` (refused if one of that name runs) and wait until it is at its
+    target size. `serve_http`: the controller runs the HTTP frontends; `connect`: also a client here."""
+    started = init_ray(config.address, config.pools.total + config.frontend.frontends)
+    try:
+        find_controller(config.name)
+    except NoDeployment:
+        pass
+    else:
+        raise DeploymentExists(
+            f"a pdserve deployment named {config.name!r} already runs in this Ray cluster; stop it with "
+            f"'pdserve shutdown --name {config.name}' or deploy under another --name"
+        )
+    controller = Controller.options(
+        name=controller_actor_name(config.name),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        max_restarts=config.controller.max_restarts,
+        max_task_retries=-1,
+    ).remote(config.model_dump(mode="json"), serve_http)
+    dep = Deployment(config, controller, started)
+    try:
+        await controller.wait_ready.remote(timeout_s)
+        if connect:
+            from pdserve.cluster.client import connect_client
+
+            dep.client = await connect_client(config, metrics)
+    except BaseException:
+        await dep.shutdown()
+        raise
+    return dep
+
+
+async def shutdown_deployment(controller) -> None:
+    try:
+        await asyncio.wait_for(controller.shutdown.remote(), 60)
+    except Exception as e:  # a dead controller: its actors are still killed below by name
+        log.warning("controller shutdown failed (%r); killing the deployment's actors by name", e)
+    name = None
+    try:
+        name = (await asyncio.wait_for(controller.get_config.remote(), 5))["name"]
+    except Exception:  # already gone
+        pass
+    ray.kill(controller, no_restart=True)
+    if name is not None:
+        for actor_name in deployment_actor_names(name):
+            try:
+                ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+            except Exception:  # died meanwhile
+                pass
+
+
+async def build(config: ServeConfig, metrics=None) -> Deployment:
+    """A deployment plus a client in this process and no HTTP frontends (tests and embedding)."""
+    return await deploy(config, serve_http=False, connect=True, metrics=metrics)

@@ -62,6 +62,7 @@ class WorkerConfig(Section):
     reserve_timeout_s: float = Field(10.0, gt=0, description="how long an import waits for free KV blocks")
     report_interval_s: float = Field(0.2, gt=0, description="load and KV-event reports (the heartbeat)")
     liveness_interval_s: float = Field(0.5, gt=0, description="how often a lease holder pings its receiver")
+    consumer_timeout_s: float = Field(10.0, gt=2, description="a frontend not polling this long: abort its requests")
     torch_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores/workers)")
     cpus: float | None = Field(None, ge=0, description="Ray CPUs per worker actor (default 1)")
 

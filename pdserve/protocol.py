@@ -166,6 +166,7 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0  # wall clock at the API server
+    reply_to: str = ""  # the frontend whose outbox on the worker gets this request's tokens
 
 
 class KVHandoff(msgspec.Struct, kw_only=True):

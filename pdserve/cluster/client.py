@@ -121,7 +121,9 @@ class ClusterClient:
         if sent:  # continue after the tokens the client has: recompute them as part of the prompt
             prompt = prompt + sent
             params = msgspec.structs.replace(params, max_tokens=params.max_tokens - len(sent))
-        req = EngineRequest(request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival)
+        req = EngineRequest(
+            request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival, reply_to=self.members.consumer
+        )
         route = await self._route(req)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
@@ -143,7 +145,9 @@ class ClusterClient:
                 if finished:
                     return
                 try:
-                    started = await self._call(route.decode_worker, decode.decode.remote(result.handoff, prefill))
+                    started = await self._call(
+                        route.decode_worker, decode.decode.remote(result.handoff, prefill, self.members.consumer)
+                    )
                 except ray.exceptions.RayTaskError as e:  # the pull failed (e.g. the prefill worker died)
                     raise WorkerFailed(f"the KV handoff of {rid} failed: {_last_line(e)}") from None
                 self._observe_transfer(started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 
 import ray
@@ -37,6 +38,7 @@ class Membership:
         self._pollers: dict[str, asyncio.Task] = {}
         self._follower: asyncio.Task | None = None
         self._closed = False
+        self.consumer = f"frontend-{uuid.uuid4().hex[:12]}"  # this client's outbox on every worker
 
     async def start(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -66,7 +68,7 @@ class Membership:
         self.ready_roles = set(ready_roles)
         current = {}
         for worker_id, role, state, handle in members:
-            if worker_id in self.dead:
+            if worker_id in self.dead or state == "starting":  # not serving yet: nothing to poll or route
                 continue
             current[worker_id] = (role, handle)
             self.states[worker_id] = state
@@ -87,7 +89,7 @@ class Membership:
     async def _poll(self, worker_id: str, handle) -> None:
         while not self._closed:
             try:
-                deltas = await handle.poll_outputs.remote(POLL_TIMEOUT_S)
+                deltas = await handle.poll_outputs.remote(POLL_TIMEOUT_S, self.consumer)
             except ray.exceptions.RayActorError as e:
                 await self.worker_died(worker_id, e)
                 return

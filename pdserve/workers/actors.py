@@ -75,8 +75,8 @@ class _WorkerActor:
         if self.w is not None:
             await self.w.shutdown()
 
-    async def poll_outputs(self, timeout_s: float = 1.0):
-        return await self.w.poll_outputs(timeout_s)
+    async def poll_outputs(self, timeout_s: float = 1.0, consumer: str = ""):
+        return await self.w.poll_outputs(timeout_s, consumer)
 
     async def abort(self, request_ids: list[str]) -> None:
         await self.w.abort(request_ids)
@@ -104,8 +104,8 @@ class _PrefillMixin:
 
 
 class _DecodeMixin:
-    async def decode(self, handoff: KVHandoff, prefill_handle=None):
-        return await self.w.decode(handoff, prefill_handle)
+    async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = ""):
+        return await self.w.decode(handoff, prefill_handle, reply_to)
 
 
 @ray.remote

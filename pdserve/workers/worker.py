@@ -29,10 +29,9 @@ from pdserve.protocol import (
     WorkerStats,
 )
 from pdserve.workers.engine_loop import EngineLoop
+from pdserve.workers.outbox import Outboxes
 
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass
@@ -69,8 +68,7 @@ class Worker:
 
         self.transport = make_transport(transport, worker_id, self.engine.kv_cache, self.layout)
         self._aio = asyncio.get_running_loop()
-        self._outbox: list[TokenDelta] = []
-        self._has_output = asyncio.Event()
+        self.outboxes = Outboxes()
         self._prefills: dict[str, asyncio.Future] = {}
         self._pulling: set[str] = set()  # imports whose blocks a transfer is writing into right now
         self._abort_after_pull: set[str] = set()
@@ -238,19 +236,11 @@ class Worker:
             elif handoff is not None:  # the caller gave up (cancelled): nobody will pull
                 self._release_now(d.request_id)
         if out:
-            self._outbox += out
-            self._has_output.set()
+            self.outboxes.put(out)
 
-    async def poll_outputs(self, timeout_s: float = 1.0) -> list[TokenDelta]:
-        """Everything produced since the last call; waits up to timeout_s for something to arrive."""
-        if not self._outbox:
-            try:
-                await asyncio.wait_for(self._has_output.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                return []
-        out, self._outbox = self._outbox, []
-        self._has_output.clear()
-        return out
+    async def poll_outputs(self, timeout_s: float = 1.0, consumer: str = "") -> list[TokenDelta]:
+        """Everything produced for `consumer` (a frontend) since its last call; waits up to timeout_s."""
+        return await self.outboxes.poll(consumer, timeout_s)
 
     # ---- requests -----------------------------------------------------------------------------------
     def _admit_check(self) -> None:
@@ -262,6 +252,7 @@ class Worker:
     async def generate(self, req: EngineRequest) -> None:
         """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs."""
         self._admit_check()
+        self.outboxes.register(req.request_id, req.reply_to)
         self.num_requests_total += 1
         self._first_pending.add(req.request_id)
         try:
@@ -302,16 +293,22 @@ class Worker:
         self._leases.pop(request_id, None)
         self.loop.submit(lambda e: e.release(request_id) if _is_held(e, request_id) else None)
 
-    async def decode(self, handoff: KVHandoff, prefill_handle=None) -> DecodeStarted:
-        """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding."""
+    async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = "") -> DecodeStarted:
+        """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding;
+        tokens go to `reply_to`'s outbox."""
         self._admit_check()
+        self.outboxes.register(handoff.request.request_id, reply_to)
         self.num_requests_total += 1
         rid = handoff.request.request_id
-        reservation = await self._reserve(handoff)
+        start = time.perf_counter()  # the handoff's time runs from reservation to confirmation
+        try:
+            reservation = await self._reserve(handoff)
+        except BaseException:
+            self.outboxes.forget(rid)
+            raise
         n = reservation.num_cached_blocks
         # finish before the sender's lease runs out, or it may reuse the blocks we are reading
         timeout = min(self.options.pull_timeout_s, handoff.lease_deadline - time.time() - 0.5)
-        start = time.perf_counter()
         self._pulling.add(rid)
         try:
             if timeout <= 0:
@@ -359,6 +356,7 @@ class Worker:
             if fut is not None and not fut.done():
                 fut.cancel()
             self._first_pending.discard(rid)
+            self.outboxes.forget(rid)
             self._leases.pop(rid, None)
             if rid in self._pulling:
                 self._abort_after_pull.add(rid)
@@ -375,6 +373,10 @@ class Worker:
         last_check = 0.0
         while True:
             await asyncio.sleep(0.05)
+            for consumer, rids in self.outboxes.stale(self.options.consumer_timeout_s).items():
+                if rids:
+                    log.warning("frontend %s stopped polling; aborting its %d requests", consumer, len(rids))
+                    asyncio.ensure_future(self.abort(rids))
             now = time.time()
             for rid, lease in list(self._leases.items()):
                 if lease.deadline < now and rid not in self._prefills:

@@ -223,9 +223,12 @@ class LLMEngine:
         hashes = req.update_hashes(bs, self.root)
         cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs])
         need = -(-record.num_computed_tokens // bs) - len(cached)
-        if not self.blocks.can_allocate(need):
+        # a cached block with no reference sits in the free pool: touching it takes it out of the pool too
+        reclaimed = sum(self.blocks.blocks[b].ref_cnt == 0 for b in cached)
+        if not self.blocks.can_allocate(need + reclaimed):
             raise OutOfKVBlocks(
-                f"import of {record.request_id!r} needs {need} KV blocks, {self.blocks.num_free_blocks} free"
+                f"import of {record.request_id!r} needs {need + reclaimed} free KV blocks, "
+                f"{self.blocks.num_free_blocks} free"
             )
         self.blocks.touch(cached)
         req.block_ids = cached + self.blocks.allocate(need)

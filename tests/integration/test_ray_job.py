@@ -50,7 +50,7 @@ def run(token, *args, **kw):
 
 @pytest.fixture
 def head(tmp_path):
-    gcs, dash, serve = free_port(), free_port(), free_port()
+    gcs, dash, serve, agent = free_port(), free_port(), free_port(), free_port()
     token = secrets.token_hex(32)
     temp = Path("/tmp") / f"rj{os.getpid()}"  # short: unix socket paths have a length limit
     proc = subprocess.Popen(
@@ -66,6 +66,7 @@ def head(tmp_path):
             "--num-cpus=4",
             f"--temp-dir={temp}",
             "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={agent}",  # not the default 52365: another Ray may hold it
             "--disable-usage-stats",
         ],
         env=ray_env(token),
@@ -101,7 +102,7 @@ def submit(token, address, *args):
     for _attempt in range(6):  # the dashboard answers before its job agent is ready, more so under load
         job = run(token, str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
                   "--runtime-env-json", runtime_env, "--", *args, timeout=300)  # fmt: skip
-        if job.returncode == 0 or "pdserve" in job.stdout:  # it ran (and maybe failed): no retry
+        if "No available agent" not in job.stdout + job.stderr:  # it ran (and maybe failed): no retry
             return job
         time.sleep(10)
     return job

@@ -146,7 +146,7 @@ class Controller:
             "name": self.name,
             "workers": [r.row() for r in self.registry.workers.values()],
             "targets": dict(self.registry.targets),
-            "frontends": self.lifecycle.frontend_rows(),
+            "frontends": self.lifecycle.fronts.rows(),
             "controller": {
                 "pid": __import__("os").getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),

@@ -1,4 +1,4 @@
-"""Worker and frontend lifecycles, run inside the controller: start (wire peers, then join the router),
+"""Worker lifecycles, run inside the controller (frontends: `frontends.py`): start (wire peers, then join the router),
 drain (leave the router, finish what runs, exit holding no blocks), death (leave everything at once) and
 replacement. Every operation is idempotent: cleanup may run twice without harm.
 """
@@ -12,7 +12,8 @@ import time
 
 import ray
 
-from pdserve.config import NAMESPACE, ROLES, ServeConfig, frontend_actor_name, worker_actor_name
+from pdserve.config import NAMESPACE, ROLES, ServeConfig, worker_actor_name
+from pdserve.controller.frontends import Frontends
 from pdserve.controller.metrics import ControllerMetrics
 from pdserve.controller.registry import Registry, WorkerRecord
 from pdserve.scheduler.router import Router
@@ -31,13 +32,16 @@ class Lifecycle:
         self.me = me  # this controller's own handle, handed to workers and frontends
         self.notify = notify
         self.peers: dict[str, object] = {}  # worker id -> PeerInfo
-        self.frontends: dict[int, dict] = {}  # index -> {"handle", "url", "state"}
+        self.fronts = Frontends(config, self._spawn, self._failed)
         self.last_failure: str | None = None
         self._failures = 0
         self._not_before = 0.0  # backoff after a failed start
         self._tasks: set[asyncio.Task] = set()
         self.stopped = False
         self._wiring = asyncio.Lock()
+
+    def _failed(self, what: str) -> None:
+        self.last_failure = what
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -65,18 +69,7 @@ class Lifecycle:
                 newest = max(notes, key=lambda n: n["time"])
                 self.registry.targets.update(newest["targets"])
                 log.info("pool targets recovered from the workers: %s", self.registry.targets)
-        for n in names:
-            if n.startswith(f"{self.config.name}.frontend."):
-                index = int(n.rsplit(".", 1)[1])
-                handle = ray.get_actor(n, namespace=NAMESPACE)
-                try:
-                    url = await asyncio.wait_for(handle.url.remote(), CALL_TIMEOUT_S)
-                    pid = await asyncio.wait_for(handle.pid.remote(), CALL_TIMEOUT_S)
-                except Exception:  # a frontend that does not answer is replaced
-                    ray.kill(handle)
-                    continue
-                self.frontends[index] = {"handle": handle, "url": url, "state": "ready", "pid": pid}
-                self._spawn(self._watch_frontend(index, handle))
+        await self.fronts.discover(names)
         self.reconcile(serve_http)
 
     async def _adopt(self, actor_name: str) -> str | None:
@@ -224,9 +217,7 @@ class Lifecycle:
                 for rec in self._removal_order(role)[:-n]:
                     self._spawn(self.drain(rec.worker_id))
         if serve_http:
-            for i in range(self.config.frontend.frontends):
-                if i not in self.frontends:
-                    self._start_frontend(i)
+            self.fronts.reconcile()
 
     def _removal_order(self, role: str) -> list[WorkerRecord]:
         """Who leaves first: fewest running requests, then the fewest cached blocks (least to lose)."""
@@ -273,56 +264,13 @@ class Lifecycle:
         ready = [r for r in self.registry.workers.values() if r.state == "ready"]
         counts = {role: sum(r.role == role for r in ready) for role in ROLES}
         workers_ok = all(counts[role] >= n for role, n in self.registry.targets.items())
-        frontends_ok = not serve_http or all(
-            self.frontends.get(i, {}).get("state") == "ready" for i in range(self.config.frontend.frontends)
-        )
-        return workers_ok and frontends_ok
-
-    # ---- frontends ----------------------------------------------------------------------------------
-    def _start_frontend(self, index: int) -> None:
-        from pdserve.cluster.frontend import FrontendActor
-
-        handle = FrontendActor.options(
-            name=frontend_actor_name(self.config.name, index), namespace=NAMESPACE, lifetime="detached"
-        ).remote(self.config.model_dump(mode="json"), index)
-        self.frontends[index] = {"handle": handle, "url": None, "state": "starting"}
-        self._spawn(self._run_frontend(index, handle))
-
-    async def _run_frontend(self, index: int, handle) -> None:
-        try:
-            url = await asyncio.wait_for(handle.start.remote(), self.config.controller.worker_start_timeout_s)
-        except Exception as e:
-            self.last_failure = f"frontend {index}: {type(e).__name__}: {e}"
-            log.error("frontend %d failed to start: %s", index, self.last_failure)
-            try:
-                ray.kill(handle)
-            except Exception:  # already gone
-                pass
-            await asyncio.sleep(RETRY_BACKOFF_S[0])
-            self.frontends.pop(index, None)
-            return
-        pid = await asyncio.wait_for(handle.pid.remote(), CALL_TIMEOUT_S)
-        self.frontends[index] = {"handle": handle, "url": url, "state": "ready", "pid": pid}
-        await self._watch_frontend(index, handle)
-
-    async def _watch_frontend(self, index: int, handle) -> None:
-        try:
-            await handle.wait_closed.remote()
-        except Exception:  # RayActorError: it died
-            log.error("frontend %d died; starting a new one", index)
-        if self.frontends.get(index, {}).get("handle") is handle:
-            self.frontends.pop(index, None)  # the next reconcile starts a replacement
-
-    def frontend_rows(self) -> list[dict]:
-        rows = sorted(self.frontends.items())
-        return [{"index": i, "url": f["url"], "state": f["state"], "pid": f.get("pid", 0)} for i, f in rows]
+        return workers_ok and (not serve_http or self.fronts.all_ready())
 
     async def shutdown(self) -> None:
         self.stopped = True
         self.registry.targets = {role: 0 for role in ROLES}
         handles = [r.handle for r in self.registry.workers.values() if r.state != "dead"]
-        handles += [f["handle"] for f in self.frontends.values()]
-        self.frontends.clear()
+        handles += self.fronts.take_all()
         await asyncio.gather(
             *(asyncio.wait_for(h.shutdown.remote(), CALL_TIMEOUT_S) for h in handles), return_exceptions=True
         )

@@ -67,6 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         names = [short[key], flag_of(key)] if key in short else [flag_of(key)]
         default = field.get_default(call_default_factory=True)
         text = f"{field.description or key} (key {key}; default {json.dumps(default, default=str)})"
+        text = text.replace("%", "%%")  # argparse formats help strings
         group.add_argument(*names, dest=_DEST_PREFIX + key, default=argparse.SUPPRESS, metavar="V", help=text)
 
 

@@ -74,6 +74,11 @@ def _model_name(config) -> str:
 
 
 def _controller(args: argparse.Namespace):
+    import os
+
+    # Ray 2.60 clusters (`ray start`, and the local one `pdserve serve` starts) use token auth by default,
+    # but a client given an address turns it on only when told to
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     from pdserve.config import NAMESPACE

@@ -126,3 +126,12 @@ def test_routing_names_match_the_scheduler_and_the_tree_imports_no_torch():
     assert set(POLICY_NAMES) == set(POLICIES)
     code = "import sys, pdserve.config, pdserve.cli_flags; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("command", ["serve", "config"])
+def test_help_lists_every_key(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag_of(key) in text for key, _ in leaves())

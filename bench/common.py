@@ -114,19 +114,30 @@ def scrape(url: str) -> dict[tuple, float]:
 # ---- a `pdserve serve` under test ---------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
-    """`pdserve serve` in its own session (process group = its pid); stop() leaves nothing of it behind."""
+    """`pdserve serve` in its own session (process group = its pid); stop() leaves nothing of it behind.
+    The controller's /metrics (routing decisions, per-worker series) is on a free port too: `controller_url`."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, src: str | None = None) -> None:
         self.name, self.args, self.log, self.src = name, args, log_dir / f"server-{name}.log", src
         self.proc: subprocess.Popen | None = None
+        self.controller_url: str | None = None
 
     def start(self, timeout: float = 300) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port, metrics_port = free_port(), free_port()
         exe = Path(sys.executable).with_name("pdserve")
         cmd = [str(exe) if exe.exists() else "pdserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if "--controller.metrics-port" not in self.args:
+            cmd += ["--controller.metrics-port", str(metrics_port)]
+        else:
+            metrics_port = int(self.args[self.args.index("--controller.metrics-port") + 1])
+        self.controller_url = f"http://127.0.0.1:{metrics_port}"
         self.cmd = cmd + self.args
         with open(self.log, "w") as log:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [self.src, os.environ.get("PYTHONPATH")]))}
@@ -140,6 +151,16 @@ class Server:
                 raise RuntimeError(f"server {self.name} did not start; log {self.log}:\n{self.tail()}")
             time.sleep(0.2)
         return f"http://127.0.0.1:{port}"
+
+    def ray_address(self) -> str | None:
+        """The GCS address of the Ray cluster this server started (its raylet says), for a driver that must
+        join exactly that cluster even when other Ray clusters run on the machine (`auto` picks the newest)."""
+        for pid in _session(self.proc.pid) if self.proc else {}:
+            with contextlib.suppress(OSError):
+                for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    if arg.startswith(b"--gcs-address="):
+                        return arg.split(b"=", 1)[1].decode()
+        return None
 
     def tail(self, n: int = 20) -> str:
         return "\n".join(self.log.read_text().splitlines()[-n:])

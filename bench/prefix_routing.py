@@ -50,8 +50,11 @@ COUNTERS = (
 # ---- the server under test ------------------------------------------------------------------------------
 
 
-def counters(url: str) -> dict[tuple, float]:
-    return {k: v for k, v in scrape(url).items() if k[0] in COUNTERS}
+def counters(server: Server, url: str) -> dict[tuple, float]:
+    """Request counters from the frontend; routing, scheduler and per-worker prefix-cache counters from the
+    controller's own /metrics."""
+    both = scrape(url) | scrape(server.controller_url)
+    return {k: v for k, v in both.items() if k[0] in COUNTERS}
 
 
 # ---- one policy, then all side by side ------------------------------------------------------------------
@@ -137,10 +140,10 @@ def run_policy(policy: str, served: list[str], args, log_dir: Path) -> dict:
         )
         asyncio.run(run_chats(url, model, warm))  # unrelated prompts: every worker runs its first steps
         time.sleep(1.0)  # the workers' load reports and KV events of the warm-up reach the scheduler
-        before = counters(url)
+        before = counters(server, url)
         turns, wall, digest = asyncio.run(run_chats(url, model, args))
         time.sleep(0.5)
-        summary = summarize(turns, wall, before, counters(url))
+        summary = summarize(turns, wall, before, counters(server, url))
     finally:
         stop = server.stop()
     print(

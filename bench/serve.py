@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 
 import httpx
-from common import Server, build_random_llama, print_table, scrape, write_json
-from serve_load import Req, run_load, set_arrivals, summarize, workload
+import serve_faults
+from common import Server, build_random_llama, print_table, write_json
+from serve_load import Req, run_load, scrape_all, server_side, set_arrivals, summarize, workload
 
 LAYOUTS = {
     "pd": ["--prefill-workers", "1", "--decode-workers", "1", "--transport", "nixl"],
     "colocated": ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "2"],
+    "pd2": ["--prefill-workers", "2", "--decode-workers", "2", "--transport", "nixl"],  # --kill: a survivor per role
 }
 INTERFERENCE_MIX = "0.85:128:128,0.15:1024:128"  # short prompts decoding, 8x longer prompts cutting in
 COMPARE_RATES = "3,5"  # req/s: both layouts busy, neither overloaded, on 2 cores with the random bench model
@@ -42,47 +44,6 @@ NOTE_SHARED_CPU = (
     "steps from decode steps (and pays a KV transfer). Compare the ITL/TPOT tail (decode interference) "
     "with TTFT; absolute numbers drift with machine load."
 )
-
-
-# ---- the server's own view (/metrics), diffed around a run -------------------------------------------
-
-HISTOGRAMS = {
-    "ttft": "pdserve_time_to_first_token_seconds",
-    "ttft_queue": "pdserve_ttft_queue_seconds",
-    "ttft_prefill": "pdserve_ttft_prefill_seconds",
-    "ttft_kv_transfer": "pdserve_ttft_kv_transfer_seconds",
-    "kv_transfer": "pdserve_kv_transfer_seconds",
-    "itl": "pdserve_inter_token_latency_seconds",
-}
-
-
-def _scrape(url: str) -> dict[tuple, float]:
-    """The server's counters, or nothing when it does not answer (the run still reports its client side)."""
-    try:
-        return scrape(url)
-    except httpx.HTTPError:
-        return {}
-
-
-def server_side(before: dict, after: dict) -> dict:
-    """Means and bucket-bound p99s of the server's latency histograms over one run, KV bytes moved and
-    where prompts were prefilled (a sanity check that A really disaggregated)."""
-    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
-    out: dict = {"kv_transfer_bytes": delta.get(("pdserve_kv_transfer_bytes_total", ()), 0.0)}
-    for key, name in HISTOGRAMS.items():
-        count = delta.get((f"{name}_count", ()), 0.0)
-        buckets = sorted((float(dict(k[1])["le"]), v) for k, v in delta.items() if k[0] == f"{name}_bucket")
-        mean = delta.get((f"{name}_sum", ()), 0.0) / count if count else None
-        out[key] = {"count": count, "mean": mean, "buckets": buckets}
-        for q in (0.99, 0.999):  # the bucket bound at or above the quantile
-            out[key][f"p{100 * q:g}_le"] = next((le for le, c in buckets if count and c >= q * count), None)
-    out["decisions"] = {
-        dict(k[1])["decision"]: v for k, v in delta.items() if k[0] == "pdserve_disaggregation_decisions_total" and v
-    }
-    return out
-
-
-# ---- the server under test ----------------------------------------------------------------------------
 
 
 # ---- one benchmark, a comparison, reports ------------------------------------------------------------
@@ -97,8 +58,9 @@ def model_args(args) -> tuple[list[str], int]:
     return ["--model", str(path)], args.vocab or vocab
 
 
-def bench(url: str, args, vocab: int) -> list[dict]:
-    """The workload at each rate (or once, closed loop / trace timing) against the server at `url`."""
+def bench(url: str, args, vocab: int, controller: str | None = None) -> list[dict]:
+    """The workload at each rate (or once, closed loop / trace timing) against the server at `url`
+    (`controller`: its controller's metrics URL)."""
     models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
     model, max_len = models["id"], models.get("max_model_len") or 4096
     if args.warmup:
@@ -108,11 +70,11 @@ def bench(url: str, args, vocab: int) -> list[dict]:
     for i, rate in enumerate(args.rates or [None]):
         reqs, times = workload(args, vocab, max_len, str(i))
         scale = set_arrivals(reqs, None if args.concurrency else rate, times, args)
-        before = _scrape(url)
+        before = scrape_all(url, controller)
         with _niceness(args.client_nice):
             results, duration, lags = asyncio.run(run_load(url, model, reqs, args.concurrency, args.timeout))
         summary = summarize(results, duration, lags, args)
-        summary["server"] = server_side(before, _scrape(url))
+        summary["server"] = server_side(before, scrape_all(url, controller))
         summary.update(rate=rate, concurrency=args.concurrency, trace_time_scale=scale)
         print(f"  {_label(rate, args)}: {summary['ok']}/{summary['requests']} ok in {duration:.1f} s", flush=True)
         keep = ("input_len", "max_tokens", "output_tokens", "status", "ttft", "e2e", "send_lag")
@@ -186,7 +148,7 @@ def metric_rows(s: dict) -> list[tuple[str, float | int | None]]:
     for p in ("p99", "p99.9"):
         if srv.get("itl", {}).get(f"{p}_le") is not None:
             rows.append((f"server itl {p} <= (ms)", 1000 * srv["itl"][f"{p}_le"]))
-    for name in ("ttft_queue", "ttft_prefill", "ttft_kv_transfer", "kv_transfer"):
+    for name in ("ttft_queue", "ttft_prefill", "kv_transfer"):
         if srv.get(name, {}).get("mean") is not None:
             rows.append((f"server {name} mean (ms)", 1000 * srv[name]["mean"]))
     if srv.get("decisions"):
@@ -227,8 +189,9 @@ def report(configs: dict[str, dict], args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="benchmark a running server (default: start one, see --layout)")
+    ap.add_argument("--controller-metrics", help="with --url: its controller's metrics URL (routing counters)")
     ap.add_argument("--compare", action="store_true", help="A = 1P1D (NIXL) vs B = 2 colocated, same workload")
-    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="pd", help="server started without --url")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), help="server started without --url (pd; pd2 with --kill)")
     ap.add_argument("--model", default="random", help="'demo' (embedded), 'random' (bench Llama) or an HF dir")
     ap.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "pdserve-bench" / "llama"))
     ap.add_argument("--server-args", default="", help="extra `pdserve serve` arguments, one string")
@@ -253,8 +216,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring (8 output tokens each)")
     ap.add_argument("--timeout", type=float, default=600, help="per request, seconds")
     ap.add_argument("--client-nice", type=int, default=-5, help="load generator's niceness while measuring")
-    ap.add_argument("--out", help="result name under bench/results/ (default: serve[-compare|-TRACE])")
+    ap.add_argument("--out", help="result name under bench/results/ (default: serve[-compare|-TRACE|-faults])")
+    serve_faults.add_args(ap)
     args = ap.parse_args()
+    args.layout = args.layout or ("pd2" if args.kill else "pd")
+    if args.kill and (args.compare or args.trace or (args.rates and "," in args.rates)):
+        ap.error("--kill runs one layout under one steady synthetic load: no --compare, --trace or --rates")
     if args.compare and not (args.mix or args.trace):
         args.mix = INTERFERENCE_MIX
         args.rates = args.rates or (None if args.rate or args.concurrency else COMPARE_RATES)
@@ -265,9 +232,12 @@ def main() -> None:
     elif not (args.concurrency or args.trace):
         args.rates = [2.0]
     served, vocab = model_args(args)
+    if args.kill:
+        meta = {"command": shlex.join(sys.argv), "source": _source(args.server_src), "workload": describe(args, vocab)}
+        return serve_faults.run(args, served + LAYOUTS[args.layout] + shlex.split(args.server_args), vocab, meta)
     started, configs = time.perf_counter(), {}
     if args.url:
-        configs["server"] = {"url": args.url, "runs": bench(args.url, args, vocab)}
+        configs["server"] = {"url": args.url, "runs": bench(args.url, args, vocab, args.controller_metrics)}
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="pdserve-bench-serve-"))
         for layout in ["pd", "colocated"] if args.compare else [args.layout]:
@@ -279,7 +249,7 @@ def main() -> None:
             try:
                 url = server.start()
                 ready_s = time.perf_counter() - t0
-                runs = bench(url, args, vocab)
+                runs = bench(url, args, vocab, server.controller_url)
             finally:
                 stop = server.stop()
             print(f"[{name}] ready in {ready_s:.1f} s; stopped in {stop['stop_s']:.1f} s; strays {stop['strays']}")

@@ -1,9 +1,10 @@
 """bench/serve.py's load: request records, the workloads (synthetic mixtures, Mooncake and Azure traces scaled
-for this machine), arrivals, the HTTP load generator and the per-run summary."""
+for this machine), arrivals, the HTTP load generator and the per-run summary (client side and /metrics)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import math
@@ -14,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from common import percentiles
+from common import percentiles, scrape
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
@@ -32,6 +33,7 @@ class Result:
     max_tokens: int
     status: int = 0
     error: str = ""
+    error_kind: str = ""  # HTTP status, sse (error event), eof (no [DONE]), no_response, dropped (mid-stream)
     ttft: float | None = None
     e2e: float | None = None
     output_tokens: int = 0
@@ -158,7 +160,7 @@ async def send(client: httpx.AsyncClient, model: str, req: Req, lag: float) -> R
         async with client.stream("POST", "/v1/completions", json=body) as r:
             res.status = r.status_code
             if r.status_code != 200:
-                res.error = (await r.aread()).decode(errors="replace")[:200]
+                res.error, res.error_kind = (await r.aread()).decode(errors="replace")[:200], str(r.status_code)
                 return res
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -167,7 +169,7 @@ async def send(client: httpx.AsyncClient, model: str, req: Req, lag: float) -> R
                     break
                 now, chunk = time.perf_counter(), json.loads(line[6:])
                 if "error" in chunk:
-                    res.error = str(chunk["error"])[:200]
+                    res.error, res.error_kind = str(chunk["error"])[:200], "sse"
                     break
                 usage = chunk.get("usage") or usage
                 n = sum(len(c.get("token_ids") or []) or bool(c.get("text")) for c in chunk.get("choices") or [])
@@ -179,9 +181,9 @@ async def send(client: httpx.AsyncClient, model: str, req: Req, lag: float) -> R
                     res.itl += [(now - last) / n] * n
                 last, res.chunks, res.output_tokens = now, res.chunks + 1, res.output_tokens + n
             else:
-                res.error = res.error or "stream ended without [DONE]"
+                res.error, res.error_kind = res.error or "stream ended without [DONE]", res.error_kind or "eof"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
-        res.error = repr(e)[:200]
+        res.error, res.error_kind = repr(e)[:200], "dropped" if res.status else "no_response"
     res.e2e = time.perf_counter() - start
     if usage:
         res.output_tokens = usage["completion_tokens"]
@@ -251,3 +253,42 @@ def summarize(results: list[Result], duration: float, lags: list[float], args) -
         "max_send_lag_s": max(r.send_lag for r in results),
         "client_loop_lag": percentiles(lags),
     }
+
+
+# ---- the server's own view (/metrics), diffed around a run -------------------------------------------
+
+HISTOGRAMS = {
+    "ttft": "pdserve_time_to_first_token_seconds",
+    "ttft_queue": "pdserve_ttft_queue_seconds",
+    "ttft_prefill": "pdserve_ttft_prefill_seconds",
+    "kv_transfer": "pdserve_kv_transfer_seconds",
+    "itl": "pdserve_inter_token_latency_seconds",
+}
+
+
+def scrape_all(*urls: str | None) -> dict[tuple, float]:
+    """The counters of the frontend and the controller (routing decisions), or nothing from one that does
+    not answer (the run still reports its client side)."""
+    out = {}
+    for url in filter(None, urls):
+        with contextlib.suppress(httpx.HTTPError):
+            out |= scrape(url)
+    return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Means and bucket-bound p99s of the server's latency histograms over one run, KV bytes moved and
+    where prompts were prefilled (a sanity check that A really disaggregated)."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out: dict = {"kv_transfer_bytes": delta.get(("pdserve_kv_transfer_bytes_total", ()), 0.0)}
+    for key, name in HISTOGRAMS.items():
+        count = delta.get((f"{name}_count", ()), 0.0)
+        buckets = sorted((float(dict(k[1])["le"]), v) for k, v in delta.items() if k[0] == f"{name}_bucket")
+        mean = delta.get((f"{name}_sum", ()), 0.0) / count if count else None
+        out[key] = {"count": count, "mean": mean, "buckets": buckets}
+        for q in (0.99, 0.999):  # the bucket bound at or above the quantile
+            out[key][f"p{100 * q:g}_le"] = next((le for le, c in buckets if count and c >= q * count), None)
+    out["decisions"] = {
+        dict(k[1])["decision"]: v for k, v in delta.items() if k[0] == "pdserve_disaggregation_decisions_total" and v
+    }
+    return out

@@ -65,6 +65,7 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     request_id: str
     new_token_ids: list[int]
     text: str  # newly completed text; never ends inside a UTF-8 character
+    index: int = 0  # position of the first new token among the request's output tokens
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_prompt_tokens: int = 0

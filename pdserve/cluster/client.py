@@ -22,6 +22,7 @@ import ray
 
 from pdserve.cluster.membership import Membership
 from pdserve.cluster.routing import RouteBatcher
+from pdserve.cluster.stream import TokenStream
 from pdserve.config import ServeConfig
 from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
@@ -91,14 +92,19 @@ class ClusterClient:
         arrival = time.time()
         sent: list[int] = []
         first: TokenDelta | None = None
+        stream = TokenStream()  # drops what the client already has, fails on a gap (then retried)
         for attempt in range(self.max_retries + 1):
             if sent and len(sent) >= params.max_tokens:  # died right after its last token
                 n = len(prompt_token_ids)
                 yield TokenDelta(request_id=request_id, new_token_ids=[], text="", finished=True,
                                  finish_reason="length", num_prompt_tokens=n)  # fmt: skip
                 return
+            base = len(sent)  # a continuation's own token indices start after what was sent
             try:
                 async for d in self._attempt(request_id, attempt, prompt_token_ids, params, sent, arrival):
+                    d = stream.accept(d, base)
+                    if d is None:
+                        continue
                     if first is None:
                         first = d
                     elif attempt:  # a continuation: report the original prompt, not prompt + sent tokens

@@ -136,6 +136,7 @@ class LLMEngine:
         delta = TokenDelta(
             request_id=req.request_id,
             new_token_ids=[token],
+            index=len(req.output_token_ids) - 1,
             text=req.detokenizer.take(reason is not None),
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
@@ -170,6 +171,7 @@ class LLMEngine:
         return TokenDelta(
             request_id=req.request_id,
             new_token_ids=[],
+            index=len(req.output_token_ids),
             text=req.detokenizer.take(True),
             finished=True,
             finish_reason=reason,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pdserve.config import ROLES
+from pdserve.config import ROLES, PoolsConfig
 
 STATES = ("starting", "ready", "draining", "dead")
 
@@ -88,16 +88,10 @@ class Registry:
         return {role: self.targets[role] - len(self.live(role)) for role in ROLES}
 
     def set_targets(self, **sizes: int | None) -> None:
-        for role, n in sizes.items():
-            if n is None:
-                continue
-            if role not in ROLES or not isinstance(n, int) or n < 0:
-                raise ValueError(f"{role}: a pool size must be an integer >= 0, got {n!r}")
-            self.targets[role] = n
-        if self.targets["decode"] + self.targets["colocated"] == 0:
-            raise ValueError("pools: need at least one decode worker or colocated worker")
-        if self.targets["prefill"] and not self.targets["decode"]:
-            raise ValueError("pools.prefill: prefill workers need at least one decode worker to hand off to")
+        """New pool sizes (None: unchanged), checked by the config tree's own rules before any changes."""
+        wanted = {**self.targets, **{role: n for role, n in sizes.items() if n is not None}}
+        checked = PoolsConfig.model_validate({**wanted, "resources": {}})  # a ValueError naming the key
+        self.targets = {role: checked.size(role) for role in ROLES}
         self.version += 1
 
     def membership(self) -> list[tuple[str, str, str, object]]:

@@ -131,7 +131,7 @@ def shutdown(args: argparse.Namespace) -> int:
 
     from pdserve.controller.deploy import deployment_actor_names, shutdown_deployment
 
-    asyncio.run(shutdown_deployment(_controller(args)))
+    asyncio.run(shutdown_deployment(_controller(args), args.name))
     deadline = time.time() + 30
     while (left := deployment_actor_names(args.name)) and time.time() < deadline:
         time.sleep(0.2)

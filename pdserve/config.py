@@ -175,9 +175,6 @@ class ServeConfig(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_file))
         return tuple(sources)
 
-    def replace(self, **changes: Any) -> ServeConfig:
-        return load_config(overrides=_merge(self.model_dump(), changes), env=False)
-
 
 NAMESPACE = "pdserve"  # the Ray namespace of every deployment's named actors
 
@@ -221,13 +218,6 @@ def load_config(file: str | None = None, overrides: dict | None = None, env: boo
         return ServeConfig.model_validate(overrides or {})
     finally:
         _yaml_file = None
-
-
-def _merge(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for k, v in changes.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def to_yaml(config: ServeConfig) -> str:

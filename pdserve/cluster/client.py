@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import ray
 
-from pdserve.cluster.membership import Membership
+from pdserve.cluster.membership import Membership, last_line
 from pdserve.cluster.routing import RouteBatcher
 from pdserve.cluster.stream import TokenStream
 from pdserve.config import ServeConfig
@@ -83,7 +83,7 @@ class ClusterClient:
             return await ref
         except (ray.exceptions.RayActorError, WorkerFailed) as e:
             await self.members.worker_died(worker_id, e)
-            raise WorkerFailed(f"worker {worker_id} failed: {_last_line(e)}") from None
+            raise WorkerFailed(f"worker {worker_id} failed: {last_line(e)}") from None
 
     # ---- requests -------------------------------------------------------------------------------------
     async def generate(
@@ -155,7 +155,7 @@ class ClusterClient:
                         route.decode_worker, decode.decode.remote(result.handoff, prefill, self.members.consumer)
                     )
                 except ray.exceptions.RayTaskError as e:  # the pull failed (e.g. the prefill worker died)
-                    raise WorkerFailed(f"the KV handoff of {rid} failed: {_last_line(e)}") from None
+                    raise WorkerFailed(f"the KV handoff of {rid} failed: {last_line(e)}") from None
                 self._observe_transfer(started)
             while True:
                 item = await queue.get()
@@ -186,7 +186,7 @@ class ClusterClient:
         try:
             route = await self.router.route(rr)
         except ray.exceptions.RayActorError as e:
-            raise ServiceUnavailable(f"the controller is unreachable: {_last_line(e)}") from None
+            raise ServiceUnavailable(f"the controller is unreachable: {last_line(e)}") from None
         if isinstance(route, NoCapacity):
             if route.unavailable:
                 raise ServiceUnavailable(str(route))
@@ -223,8 +223,3 @@ class ClusterClient:
 
     async def shutdown(self) -> None:
         await self.members.stop()
-
-
-def _last_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__

@@ -19,6 +19,13 @@ from pdserve.engine_client import ServiceUnavailable, WorkerFailed
 
 log = logging.getLogger(__name__)
 
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's text (a Ray error carries the remote traceback before it)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 POLL_TIMEOUT_S = 1.0
 MEMBERSHIP_WAIT_S = 5.0
 CONTROLLER_LIVE_S = 15.0  # a membership answer this recent means the controller is reachable
@@ -30,7 +37,6 @@ class Membership:
         self._deliver = deliver
         self._worker_left = worker_left
         self.workers: dict[str, tuple[str, object]] = {}  # worker id -> (role, handle), not dead
-        self.states: dict[str, str] = {}
         self.ready_roles: set[str] = set()
         self.dead: set[str] = set()
         self.version = -1
@@ -71,7 +77,6 @@ class Membership:
             if worker_id in self.dead or state == "starting":  # not serving yet: nothing to poll or route
                 continue
             current[worker_id] = (role, handle)
-            self.states[worker_id] = state
             if worker_id not in self._pollers:
                 self._pollers[worker_id] = asyncio.ensure_future(self._poll(worker_id, handle))
         for worker_id in set(self.workers) - set(current):
@@ -83,7 +88,6 @@ class Membership:
         if task is not None:
             task.cancel()
         self.workers.pop(worker_id, None)
-        self.states.pop(worker_id, None)
         self._worker_left(worker_id, reason)
 
     async def _poll(self, worker_id: str, handle) -> None:
@@ -107,7 +111,7 @@ class Membership:
         routing call comes after the controller dropped it)."""
         if worker_id in self.dead:
             return
-        log.error("worker %s died: %s", worker_id, str(error).strip().splitlines()[-1:] or error)
+        log.error("worker %s died: %s", worker_id, last_line(error))
         self.dead.add(worker_id)
         self._gone(worker_id, "died")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -137,9 +138,6 @@ class Controller:
         await self._ready()
         return True
 
-    async def get_config(self) -> dict:
-        return self.config.model_dump(mode="json")
-
     async def status(self) -> dict:
         await self._ready()
         return {
@@ -148,7 +146,7 @@ class Controller:
             "targets": dict(self.registry.targets),
             "frontends": self.lifecycle.fronts.rows(),
             "controller": {
-                "pid": __import__("os").getpid(),
+                "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "metrics_port": self.metrics_port,
                 "started_at": self.started_at,
@@ -178,10 +176,6 @@ class Controller:
         """Remove one worker, draining it first; its role's target shrinks by one."""
         await self._ready()
         await self.lifecycle.remove(worker_id)
-
-    async def inject_fault(self, worker_id: str, kind: str) -> None:
-        await self._ready()
-        await self.registry.workers[worker_id].handle.inject_fault.remote(kind)
 
     async def shutdown(self) -> None:
         """Stop every worker and frontend of the deployment (the caller then kills this actor)."""

@@ -77,7 +77,7 @@ class Deployment:
         self._closed = True
         if self.client is not None:
             await self.client.shutdown()
-        await shutdown_deployment(self.controller)
+        await shutdown_deployment(self.controller, self.config.name)
         if self.started_ray:
             ray.shutdown()
 
@@ -117,23 +117,17 @@ async def deploy(
     return dep
 
 
-async def shutdown_deployment(controller) -> None:
+async def shutdown_deployment(controller, name: str) -> None:
     try:
         await asyncio.wait_for(controller.shutdown.remote(), 60)
     except Exception as e:  # a dead controller: its actors are still killed below by name
         log.warning("controller shutdown failed (%r); killing the deployment's actors by name", e)
-    name = None
-    try:
-        name = (await asyncio.wait_for(controller.get_config.remote(), 5))["name"]
-    except Exception:  # already gone
-        pass
     ray.kill(controller, no_restart=True)
-    if name is not None:
-        for actor_name in deployment_actor_names(name):
-            try:
-                ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
-            except Exception:  # died meanwhile
-                pass
+    for actor_name in deployment_actor_names(name):
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+        except Exception:  # died meanwhile
+            pass
 
 
 async def build(config: ServeConfig, metrics=None) -> Deployment:

@@ -155,8 +155,7 @@ class Lifecycle:
         self._not_before = time.monotonic() + delay
         self.last_failure = f"{rec.worker_id}: {type(error).__name__}: {error}"
         log.error("worker %s failed to start (%s); retrying in %.0fs", rec.worker_id, self.last_failure, delay)
-        self.metrics.worker_deaths.labels(rec.role, "start_failed").inc()
-        self.mark_dead(rec.worker_id, "start_failed", count=False)
+        self.mark_dead(rec.worker_id, "start_failed")
 
     def _join(self, rec: WorkerRecord) -> None:
         rec.state = "ready"
@@ -184,14 +183,13 @@ class Lifecycle:
             cause = "actor_died"
         self.mark_dead(rec.worker_id, cause)
 
-    def mark_dead(self, worker_id: str, cause: str, count: bool = True) -> None:
+    def mark_dead(self, worker_id: str, cause: str) -> None:
         rec = self.registry.workers.get(worker_id)
         if rec is None or rec.state == "dead":
             return
         if rec.state != "draining" and cause != "exited":
             log.error("worker %s (%s) is dead: %s", worker_id, rec.role, cause)
-            if count:
-                self.metrics.worker_deaths.labels(rec.role, cause).inc()
+            self.metrics.worker_deaths.labels(rec.role, cause).inc()
             if not self.config.failure.replace_dead_workers and cause != "start_failed":
                 self.registry.targets[rec.role] = max(0, self.registry.targets[rec.role] - 1)
                 self.publish_targets()

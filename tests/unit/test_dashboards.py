@@ -49,6 +49,11 @@ SHOWN = (
     "pdserve_scheduler_decision_seconds",
     "pdserve_prefix_cache_prompt_tokens_total",
     "pdserve_prefix_cache_hit_tokens_total",
+    "pdserve_workers",
+    "pdserve_workers_target",
+    "pdserve_worker_deaths_total",
+    "pdserve_request_retries_total",
+    "pdserve_worker_prefill_tokens_queued",
 )
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 

@@ -188,14 +188,14 @@ def test_every_per_worker_series_appears_once_in_prometheus(deployment, tmp_path
                 except (httpx.HTTPError, json.JSONDecodeError):
                     res = {"data": {"result": []}}
                 counts[name] = {r["metric"].get("worker"): float(r["value"][1]) for r in res["data"]["result"]}
-            if all(workers <= set(c) for c in counts.values()):
+            up = httpx.get(api, params={"query": "up"}, timeout=5).json()["data"]["result"]
+            scraped = len(up) == len(targets) and all(r["value"][1] == "1" for r in up)  # every target, once
+            if scraped and all(workers <= set(c) for c in counts.values()):
                 break
-            assert time.time() < deadline, f"series missing in Prometheus: {counts}"
+            assert time.time() < deadline, f"targets or series missing in Prometheus: up={up}, {counts}"
             time.sleep(1)
         for name, per_worker in counts.items():
             assert all(n == 1 for n in per_worker.values()), f"{name} appears more than once: {per_worker}"
-        up = httpx.get(api, params={"query": "up"}, timeout=5).json()["data"]["result"]
-        assert len(up) == len(targets) and all(r["value"][1] == "1" for r in up)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

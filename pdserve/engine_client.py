@@ -33,6 +33,11 @@ class WorkerFailed(ServiceUnavailable):
     """A worker serving the request died or its engine broke mid-request (a 503, never a 500)."""
 
 
+class WorkerDraining(ServiceUnavailable):
+    """A live worker refused a new request: it is draining or stopping (routed before it left the router).
+    Not a death: the request is routed again."""
+
+
 class EngineClient(Protocol):
     info: ModelInfo
 

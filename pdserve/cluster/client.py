@@ -24,7 +24,7 @@ from pdserve.cluster.membership import Membership, last_line
 from pdserve.cluster.routing import RouteBatcher
 from pdserve.cluster.stream import TokenStream
 from pdserve.config import ServeConfig
-from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerFailed
+from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerDraining, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo, load_model_info
 from pdserve.protocol import EngineRequest, Route, RouteRequest, SamplingParams, TokenDelta
@@ -114,7 +114,7 @@ class ClusterClient:
                     if d.finished:
                         return
                 return
-            except WorkerFailed as e:
+            except (WorkerFailed, WorkerDraining) as e:  # died, or refused while leaving: route again
                 if attempt == self.max_retries:
                     raise
                 cause = "before_first_token" if not sent else "mid_stream"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pdserve.config import ROLES, EngineConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
-from pdserve.engine_client import WorkerFailed
+from pdserve.engine_client import WorkerDraining, WorkerFailed
 from pdserve.protocol import (
     DecodeStarted,
     EngineRequest,
@@ -247,7 +247,7 @@ class Worker:
         if self.loop.error is not None:
             raise WorkerFailed(f"worker {self.worker_id}: the engine failed: {self.loop.error!r}")
         if self._draining or self._closed:
-            raise RuntimeError(f"worker {self.worker_id} is draining and takes no new requests")
+            raise WorkerDraining(f"worker {self.worker_id} is draining and takes no new requests")
 
     async def generate(self, req: EngineRequest) -> None:
         """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs."""

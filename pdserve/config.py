@@ -68,7 +68,11 @@ class WorkerConfig(Section):
 
 
 class KVConfig(Section):
-    transport: Literal["nixl", "local"] = Field("nixl", description="KV transfer between workers")
+    transport: Literal["nixl", "nccl", "local"] = Field(
+        "nixl",
+        description="KV transfer between workers: nixl (one-sided RDMA/UCX reads), nccl (collective send/recv: "
+        "NCCL on CUDA, Gloo on CPU), local (in-process copy, tests)",
+    )
 
 
 class DisaggConfig(Section):

@@ -32,7 +32,7 @@ class KVTransferError(RuntimeError):
 
 
 class KVTransport(ABC):
-    """Moves whole KV blocks from a peer engine's cache into this engine's cache by one-sided READs.
+    """Moves whole KV blocks from a peer engine's cache into this engine's cache.
 
     Who calls: the worker that owns the engine. It constructs one transport at start-up with the engine's
     `kv_cache` (block-major `[num_blocks, ...]`, contiguous, so block i is the byte range
@@ -45,6 +45,13 @@ class KVTransport(ABC):
     Receiver side, a non-blocking state machine: `start_pull` returns a handle at once, `poll(handle)` never
     blocks and moves PENDING -> DONE | FAILED, `release(handle)` frees the transport's resources for it.
     `pull()` is the async convenience that does all three with a short backoff and a timeout.
+
+    Sender side: a one-sided transport (`two_sided = False`: NIXL READs, the local copy) needs nothing from
+    the sender. A two-sided one (`two_sided = True`: collective send/recv) needs the sender to call
+    `start_serve(peer, src_block_ids, key)` for each pull, with the same block ids and the `key` the receiver
+    passed to `start_pull`; the two calls may come in either order. The key (a 31-bit int the receiver
+    picks, unique among its transfers in flight) is how the two halves find each other. A serve handle is
+    polled and released like a pull handle. One-sided transports return None from `start_serve`.
 
     Block ownership: the sender's worker keeps `src_block_ids` allocated and unchanged (under a lease) until
     the receiver confirms; the transport never frees or writes a sender's block and the sender needs no
@@ -78,14 +85,25 @@ class KVTransport(ABC):
     def remove_peer(self, name: str) -> None:
         """Forget a peer; a no-op for an unknown name. Transfers from it that are still pending fail."""
 
+    two_sided: bool = False
+
     @abstractmethod
-    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int], key: int = 0) -> int:
         """Start copying the peer's blocks `src_block_ids[i]` into our blocks `dst_block_ids[i]`.
 
         Returns a handle for `poll`/`release`. Raises KVTransferError for a peer never added (or after
         `close`) and ValueError for mismatched or out-of-range ids; a failure of the transfer itself
         (peer gone, transport error) shows up as FAILED from `poll`, not as an exception here.
         """
+
+    def start_serve(self, peer: str, src_block_ids: list[int], key: int) -> int | None:
+        """Sender side of a two-sided transport: send our blocks `src_block_ids` to `peer`'s pull with `key`.
+
+        Returns a handle for `poll`/`release` (DONE once the bytes have left), or None for a one-sided
+        transport, which has nothing to do. The blocks must stay unchanged until the handle is DONE or
+        released. Errors as `start_pull`.
+        """
+        return None
 
     @abstractmethod
     def poll(self, handle: int) -> TransferState:
@@ -104,7 +122,9 @@ class KVTransport(ABC):
     def close(self) -> None:
         """Release every transfer and peer and deregister the cache; idempotent, safe to call twice."""
 
-    async def pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int], timeout_s: float) -> None:
+    async def pull(
+        self, peer: str, src_block_ids: list[int], dst_block_ids: list[int], timeout_s: float, key: int = 0
+    ) -> None:
         """Start a pull and wait for it without blocking the event loop; always releases the handle.
 
         Polls at once, then sleeps with a backoff from 50 us up to 2 ms (never busy-spins: on a small host a
@@ -112,21 +132,29 @@ class KVTransport(ABC):
         1 ms up to about 1 ms; a pull that completes inside `start_pull` never sleeps.
         Raises KVTransferError on FAILED or timeout.
         """
-        handle = self.start_pull(peer, src_block_ids, dst_block_ids)
+        await self._wait(self.start_pull(peer, src_block_ids, dst_block_ids, key), "pull", peer, src_block_ids, timeout_s)
+
+    async def serve(self, peer: str, src_block_ids: list[int], key: int, timeout_s: float) -> None:
+        """The sender-side step, awaited like `pull`; returns at once for a one-sided transport."""
+        handle = self.start_serve(peer, src_block_ids, key)
+        if handle is not None:
+            await self._wait(handle, "serve", peer, src_block_ids, timeout_s)
+
+    async def _wait(self, handle: int, what: str, peer: str, src_block_ids: list[int], timeout_s: float) -> None:
         try:
             deadline = time.monotonic() + timeout_s
             delay = _POLL_FIRST_S
             while (state := self.poll(handle)) is TransferState.PENDING:
                 if time.monotonic() >= deadline:
                     raise KVTransferError(
-                        f"pull of {len(src_block_ids)} blocks from {peer!r} timed out after {timeout_s:.3g} s"
+                        f"{what} of {len(src_block_ids)} blocks with {peer!r} timed out after {timeout_s:.3g} s"
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX_S)
             if state is TransferState.FAILED:
                 reason = self.error(handle)
                 raise KVTransferError(
-                    f"pull of {len(src_block_ids)} blocks from {peer!r} failed" + (f": {reason}" if reason else "")
+                    f"{what} of {len(src_block_ids)} blocks with {peer!r} failed" + (f": {reason}" if reason else "")
                 )
         finally:
             self.release(handle)
@@ -167,11 +195,12 @@ def check_block_ids(src: list[int], dst: list[int], num_src_blocks: int, num_dst
 _TRANSPORTS = {
     "local": "pdserve.kv.transports.local:LocalTransport",
     "nixl": "pdserve.kv.transports.nixl:NixlTransport",
+    "nccl": "pdserve.kv.transports.collective:CollectiveTransport",
 }
 
 
 def make_transport(kind: str, name: str, kv_cache: torch.Tensor, layout: KVLayout, **options) -> KVTransport:
-    """Build the transport `kind` ("nixl" or "local"); only the chosen one's library is imported."""
+    """Build the transport `kind` ("nixl", "nccl" or "local"); only the chosen one's library is imported."""
     if kind not in _TRANSPORTS:
         raise ValueError(f"unknown KV transport {kind!r}; choose one of {sorted(_TRANSPORTS)}")
     module, cls = _TRANSPORTS[kind].split(":")

@@ -54,7 +54,7 @@ class LocalTransport(KVTransport):
     def remove_peer(self, name: str) -> None:
         self._peers.pop(name, None)
 
-    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int], key: int = 0) -> int:
         if self._closed:
             raise KVTransferError(f"transport {self.name!r} is closed")
         info = self._peers.get(peer)

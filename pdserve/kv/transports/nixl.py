@@ -131,7 +131,7 @@ class NixlTransport(KVTransport):
         self._agent.release_dlist_handle(peer.blocks)
         self._agent.remove_remote_agent(name)
 
-    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int]) -> int:
+    def start_pull(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int], key: int = 0) -> int:
         self._check_open()
         known = self._peers.get(peer)
         if known is None:

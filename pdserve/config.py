@@ -141,6 +141,21 @@ class ControllerConfig(Section):
     drain_timeout_s: float = Field(300.0, gt=0, description="a draining worker is stopped after this long")
 
 
+class MigrationConfig(Section):
+    """Live migration of running requests between workers (multi-stage, as Llumnix)."""
+
+    final_blocks: int = Field(2, ge=0, description="pause the request when at most this many blocks are left to copy")
+    max_stages: int = Field(8, ge=1, description="copy stages before the final one, at most")
+    stage_timeout_s: float = Field(30.0, gt=0, description="a stage not done by then fails the migration")
+    on_out_of_blocks: bool = Field(True, description="migrate a request away instead of preempting it")
+    rebalance: bool = Field(True, description="move requests from the most to the least loaded worker")
+    rebalance_interval_s: float = Field(1.0, gt=0, description="how often the rebalancer looks")
+    rebalance_threshold: float = Field(
+        8.0, gt=0, description="move when free KV blocks per running request differ by more than this"
+    )
+    drain_mode: Literal["migrate", "wait"] = Field("migrate", description="how a draining worker empties")
+
+
 class ServeConfig(BaseSettings):
     """A whole deployment. `name` names its controller and actors in Ray's `pdserve` namespace."""
 
@@ -158,6 +173,7 @@ class ServeConfig(BaseSettings):
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

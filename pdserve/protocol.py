@@ -74,6 +74,7 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     kv_held: bool = False  # prefill role: the blocks stay held for export until released
     queue_s: float | None = None  # first delta only: arrival -> first scheduled, in this engine
     prefill_s: float | None = None  # first delta only: first scheduled -> first token
+    moved_to: str | None = None  # no tokens: the request now continues on this worker (a live migration)
 
 
 class ExportedRequest(msgspec.Struct, kw_only=True):
@@ -92,6 +93,7 @@ class ExportedRequest(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0
     block_size: int = 16
     model_id: str = ""
+    text_emitted: int = 0  # characters of output text the sender already released (the rest it held back)
 
 
 class KVEvent(msgspec.Struct, kw_only=True, tag=True):
@@ -191,6 +193,53 @@ class PrefillResult(msgspec.Struct, kw_only=True):
 class DecodeStarted(msgspec.Struct, kw_only=True):
     kv_transfer_s: float
     num_bytes: int  # bytes pulled (blocks the receiver already cached are not pulled)
+
+
+class MigrationStage(msgspec.Struct, kw_only=True):
+    """One stage of a live migration, sent by the source to the target: the target stages the source's
+    full blocks `src_block_ids` (positions `start`.. of the request's KV), which cover `token_ids`' blocks
+    from `start` on; `token_ids` runs from the first token (for the target's prefix-cache lookup)."""
+
+    migration_id: str
+    request_id: str
+    source: str  # source worker id (the transport peer)
+    start: int
+    token_ids: list[int]
+    src_block_ids: list[int]
+
+
+class MigrationFinal(msgspec.Struct, kw_only=True):
+    """The last stage: the request is paused at the source; its state and the blocks not staged yet."""
+
+    migration_id: str
+    request: ExportedRequest
+    source: str
+    start: int  # blocks the earlier stages staged
+    src_block_ids: list[int]  # the source's blocks from position `start` to the end of the KV
+    reply_to: str  # the frontend whose outbox streams the request
+    paused_at: float  # wall clock when the source stopped the request
+
+
+class StageResult(msgspec.Struct, kw_only=True):
+    num_copied: int  # blocks pulled
+    num_reused: int  # blocks the target's prefix cache already held (not copied)
+    first_token_at: float = 0.0  # final stage: wall clock of the target's first token (0: none came)
+
+
+class MigrationRecord(msgspec.Struct, kw_only=True):
+    """How one migration went (the controller's metrics and the operator's answer)."""
+
+    request_id: str
+    source: str
+    target: str
+    reason: str  # operator | rebalance | drain | out_of_blocks
+    outcome: str  # migrated | failed | finished (ended mid-migration) | aborted | refused
+    blocks_per_stage: list[int] = msgspec.field(default_factory=list)  # blocks copied per stage, last = final
+    num_reused: int = 0
+    num_bytes: int = 0
+    pause_s: float = 0.0  # source stop -> the target's first token
+    total_s: float = 0.0
+    error: str = ""
 
 
 class WorkerStats(msgspec.Struct, kw_only=True):

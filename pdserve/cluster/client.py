@@ -22,7 +22,7 @@ import ray
 
 from pdserve.cluster.membership import Membership, last_line
 from pdserve.cluster.routing import RouteBatcher
-from pdserve.cluster.stream import TokenStream
+from pdserve.cluster.stream import StreamGap, TokenStream
 from pdserve.config import ServeConfig
 from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerDraining, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
@@ -56,6 +56,7 @@ class ClusterClient:
         self.members = Membership(controller, self._deliver, self._worker_left)
         self._queues: dict[str, asyncio.Queue] = {}  # attempt id -> its stream's queue
         self._owner: dict[str, str] = {}  # attempt id -> worker whose outbox streams it
+        self._touched: dict[str, set[str]] = {}  # attempt id -> every worker it ran on (aborted there at the end)
 
     async def start(self, timeout_s: float = 60.0) -> None:
         await self.members.start(timeout_s)
@@ -65,11 +66,16 @@ class ClusterClient:
         return self.members.workers
 
     # ---- streams and deaths -----------------------------------------------------------------------------
-    def _deliver(self, deltas: list[TokenDelta]) -> None:
+    def _deliver(self, worker_id: str, deltas: list[TokenDelta]) -> None:
         for d in deltas:
             q = self._queues.get(d.request_id)
-            if q is not None:
-                q.put_nowait(d)
+            if q is None:
+                continue
+            if d.moved_to is not None:  # migrated: its tokens come from there now (and its death is ours)
+                self._owner[d.request_id] = d.moved_to
+                self._touched.setdefault(d.request_id, set()).add(d.moved_to)
+                continue
+            q.put_nowait(d)
 
     def _worker_left(self, worker_id: str, reason: str) -> None:
         for rid, owner in list(self._owner.items()):
@@ -131,10 +137,11 @@ class ClusterClient:
             request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival, reply_to=self.members.consumer
         )
         route = await self._route(req)
+        expected = 0  # the next token index this attempt's stream must deliver
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
         self._owner[rid] = route.decode_worker
-        touched = [route.decode_worker] + ([route.prefill_worker] if route.prefill_worker else [])
+        touched = self._touched[rid] = {route.decode_worker, route.prefill_worker} - {None}
         finished = False
         try:
             decode = self.members.handle(route.decode_worker)
@@ -148,6 +155,7 @@ class ClusterClient:
                 finished = result.delta.finished
                 result.delta.request_id = request_id
                 yield result.delta
+                expected = 1
                 if finished:
                     return
                 try:
@@ -157,10 +165,7 @@ class ClusterClient:
                 except ray.exceptions.RayTaskError as e:  # the pull failed (e.g. the prefill worker died)
                     raise WorkerFailed(f"the KV handoff of {rid} failed: {last_line(e)}") from None
                 self._observe_transfer(started)
-            while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
+            async for item in _in_order(queue, expected):
                 finished = item.finished
                 item.request_id = request_id
                 yield item
@@ -169,6 +174,7 @@ class ClusterClient:
         finally:
             self._queues.pop(rid, None)
             self._owner.pop(rid, None)
+            self._touched.pop(rid, None)
             if not finished:
                 for worker_id in touched:
                     handle = self.members.live_handle(worker_id)
@@ -223,3 +229,28 @@ class ClusterClient:
 
     async def shutdown(self) -> None:
         await self.members.stop()
+
+
+GAP_WAIT_S = 5.0  # a token index missing this long (while later ones wait) is lost: fail the attempt
+
+
+async def _in_order(queue: asyncio.Queue, expected: int) -> AsyncIterator[TokenDelta]:
+    """The queue's deltas in token order. After a migration the new source's first tokens may arrive before
+    the old source's last ones (two pollers): later deltas wait for the gap to fill, up to GAP_WAIT_S."""
+    pending: dict[int, TokenDelta] = {}
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), GAP_WAIT_S if pending else None)
+        except asyncio.TimeoutError:
+            raise StreamGap(f"token {expected} never came (later ones did: {sorted(pending)[:4]})") from None
+        if isinstance(item, Exception):
+            raise item
+        if item.index > expected:
+            pending[item.index] = item
+            continue
+        while item is not None:
+            expected = max(expected, item.index + len(item.new_token_ids))
+            yield item
+            if item.finished:
+                return
+            item = pending.pop(expected, None)

@@ -104,7 +104,7 @@ class Membership:
                 await asyncio.sleep(0.1)
                 continue
             if deltas:
-                self._deliver(deltas)
+                self._deliver(worker_id, deltas)
 
     async def worker_died(self, worker_id: str, error: BaseException) -> None:
         """Seen dead here: stop using it, fail its streams, and tell the controller (awaited, so a retry's

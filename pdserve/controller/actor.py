@@ -21,7 +21,7 @@ from pdserve.config import ROLES, ServeConfig
 from pdserve.controller.lifecycle import Lifecycle
 from pdserve.controller.metrics import ControllerMetrics
 from pdserve.controller.registry import Registry
-from pdserve.protocol import KVEventBatch, RouteRequest, WorkerStats
+from pdserve.protocol import KVEventBatch, MigrationRecord, RouteRequest, WorkerStats
 from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class Controller:
         self.lifecycle = Lifecycle(self.config, self.registry, self.router, self.metrics, me, self._notify)
         await self.lifecycle.discover(self.serve_http)
         asyncio.ensure_future(self._monitor())
+        if self.config.migration.rebalance:
+            asyncio.ensure_future(self.lifecycle.migrations.rebalancer())
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -176,6 +178,28 @@ class Controller:
         """Remove one worker, draining it first; its role's target shrinks by one."""
         await self._ready()
         await self.lifecycle.remove(worker_id)
+
+    # ---- live migration ---------------------------------------------------------------------------------
+    async def migrate(self, request_id: str, target_worker: str | None = None) -> list[MigrationRecord]:
+        """Operators: move the API request `request_id` (every choice of it) to `target_worker`, or to the
+        least loaded decode-capable worker. KeyError if it runs nowhere; ValueError for a bad target."""
+        await self._ready()
+        return await self.lifecycle.migrations.operator(request_id, target_worker)
+
+    async def migration_target(self, worker_id: str, num_blocks: int):
+        """A worker out of KV blocks asks where a request holding `num_blocks` could go: (worker id, handle),
+        or None when no other decode-capable worker has room."""
+        await self._ready()
+        return self.lifecycle.migrations.target_for(worker_id, num_blocks)
+
+    async def record_migration(self, record: MigrationRecord) -> None:
+        await self._ready()
+        self.lifecycle.migrations.record(record)
+
+    async def migrations(self) -> list[MigrationRecord]:
+        """The latest migrations' records, oldest first."""
+        await self._ready()
+        return list(self.lifecycle.migrations.history)
 
     async def shutdown(self) -> None:
         """Stop every worker and frontend of the deployment (the caller then kills this actor)."""

@@ -15,6 +15,7 @@ import ray
 from pdserve.config import NAMESPACE, ROLES, ServeConfig, worker_actor_name
 from pdserve.controller.frontends import Frontends
 from pdserve.controller.metrics import ControllerMetrics
+from pdserve.controller.migrations import DECODERS, Migrations
 from pdserve.controller.registry import Registry, WorkerRecord
 from pdserve.scheduler.router import Router
 
@@ -39,6 +40,7 @@ class Lifecycle:
         self._tasks: set[asyncio.Task] = set()
         self.stopped = False
         self._wiring = asyncio.Lock()
+        self.migrations = Migrations(config, registry, metrics)
 
     def _failed(self, what: str) -> None:
         self.last_failure = what
@@ -119,7 +121,7 @@ class Lifecycle:
                 lifetime="detached",
                 **self._resources(role),
             )
-            .remote(worker_id, engine, options, cfg.kv.transport)
+            .remote(worker_id, engine, options, cfg.kv.transport, cfg.migration)
         )
         rec = self.registry.add(WorkerRecord(worker_id, role, handle))
         self.notify()
@@ -249,7 +251,10 @@ class Lifecycle:
         self.router.remove(worker_id)
         self._changed()
         try:
-            await asyncio.wait_for(rec.handle.drain.remote(), self.config.controller.drain_timeout_s)
+            deadline = time.monotonic() + self.config.controller.drain_timeout_s
+            if self.config.migration.drain_mode == "migrate" and rec.role in DECODERS:
+                await self.migrations.drain(worker_id, deadline)  # what cannot move finishes here
+            await asyncio.wait_for(rec.handle.drain.remote(), max(1.0, deadline - time.monotonic()))
             leak = await asyncio.wait_for(rec.handle.leak_report.remote(), CALL_TIMEOUT_S)
             if leak:
                 log.error("worker %s drained but still holds KV blocks: %s", worker_id, leak)

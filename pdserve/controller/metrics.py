@@ -92,6 +92,34 @@ class ControllerMetrics:
             registry=r,
         )
 
+        self.migrations = Counter(
+            "pdserve_migrations_total",
+            "Live migrations by reason (operator, rebalance, drain, out_of_blocks) and outcome",
+            ["reason", "outcome"],
+            registry=r,
+        )
+        self.migration_stages = Histogram(
+            "pdserve_migration_stages",
+            "Copy stages per completed migration, the final (paused) one included",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 12, 16),
+            registry=r,
+        )
+        self.migration_bytes = Counter(
+            "pdserve_migration_bytes_total", "KV bytes copied by completed migrations", registry=r
+        )
+        self.migration_pause = Histogram(
+            "pdserve_migration_pause_seconds",
+            "From the source pausing a migrating request to the target's first token",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.migration_seconds = Histogram(
+            "pdserve_migration_seconds",
+            "From the first stage to the target's confirmation, per completed migration",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+
     def serve(self, port: int) -> int:
         """Serve /metrics on `port` (0: a free one) in a background thread; returns the port."""
         from prometheus_client import start_http_server

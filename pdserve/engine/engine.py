@@ -1,9 +1,7 @@
 """LLMEngine: requests in, token deltas out; `step()` = schedule -> run the model -> sample -> postprocess.
 
-Roles and handoff: a PREFILL request is held (blocks kept) after its first token; `export_request` turns
-any live request into an `ExportedRequest` plus block ids, `release` frees them once a peer has copied
-them. On the receiving side `import_request` reserves blocks, the caller fills them, `finish_import`
-resumes decoding. P/D handoff and live migration are both this one mechanism.
+Roles: a PREFILL request is held (blocks kept) after its first token, for a peer to pull; the handoff
+operations (export, import, live-migration stages) are in `engine/handoff.py`.
 """
 
 from __future__ import annotations
@@ -16,19 +14,16 @@ from pdserve.config import EngineConfig
 from pdserve.engine import loader
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.handoff import HandoffMixin, OutOfKVBlocks  # noqa: F401 (re-exported)
 from pdserve.engine.model_runner import ModelRunner, num_kv_blocks
 from pdserve.engine.sampler import compute_logprobs, sample
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Request, Role, Status
 from pdserve.hashing import root_hash
-from pdserve.protocol import ExportedRequest, KVEvent, KVReservation, SamplingParams, TokenDelta
+from pdserve.protocol import KVEvent, SamplingParams, TokenDelta
 
 
-class OutOfKVBlocks(RuntimeError):
-    """Not enough free KV blocks to reserve for an import right now (retry later or pick another engine)."""
-
-
-class LLMEngine:
+class LLMEngine(HandoffMixin):
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
@@ -49,6 +44,7 @@ class LLMEngine:
         self.eos_token_ids = info.eos_token_ids
         self.num_computed_tokens_total = 0
         self.num_preemptions_total = 0
+        self.parked_ids: list[str] = []  # parked under memory pressure since the worker last took them
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -99,6 +95,7 @@ class LLMEngine:
     def step(self) -> list[TokenDelta]:
         batch = self.scheduler.schedule()
         self.num_preemptions_total += len(batch.preempted)
+        self.parked_ids += [r.request_id for r in batch.parked]
         deltas = [self._finish(req, "length") for req in batch.out_of_blocks]
         if batch.empty:
             return deltas
@@ -179,73 +176,6 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
         )
 
-    # ---- handoff ---------------------------------------------------------------------------------
-    def export_request(self, request_id: str) -> tuple[ExportedRequest, list[int]]:
-        """Stop scheduling a live request and describe it; its blocks stay held until `release`."""
-        req = self._get(request_id, (Status.WAITING, Status.RUNNING, Status.HELD))
-        if req.status is not Status.HELD:
-            self.scheduler.remove(req)
-            req.status = Status.HELD
-        n = -(-req.num_computed_tokens // self.blocks.block_size)
-        record = ExportedRequest(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids,
-            num_computed_tokens=req.num_computed_tokens,
-            params=req.params,
-            rng_state=bytes(req.generator.get_state().numpy()),
-            num_cached_tokens=req.num_cached_tokens,
-            block_size=self.blocks.block_size,
-            model_id=self.model_id,
-        )
-        return record, req.block_ids[:n]
-
-    def release(self, request_id: str) -> None:
-        """Free a held request's blocks (its peer has its KV, or the handoff was abandoned)."""
-        self._finish(self._get(request_id, (Status.HELD,)), "abort")
-
-    def import_request(self, record: ExportedRequest) -> KVReservation:
-        """Reserve blocks for an exported request's KV; reuses this engine's own cached prefix blocks."""
-        if record.model_id != self.model_id or record.block_size != self.blocks.block_size:
-            raise ValueError(
-                f"cannot import {record.request_id!r}: it comes from model {record.model_id!r} with block_size "
-                f"{record.block_size}, this engine serves {self.model_id!r} with block_size {self.blocks.block_size}"
-            )
-        self.validate(record.prompt_token_ids, record.params)
-        req = self._new_request(record.request_id, record.prompt_token_ids, record.params, Role.DECODE)
-        for token in record.output_token_ids:
-            req.append_token(token)
-            req.detokenizer.add(token)
-        req.detokenizer.take(False)  # the sender already released this text
-        req.generator.set_state(torch.frombuffer(bytearray(record.rng_state), dtype=torch.uint8))
-        req.num_computed_tokens = record.num_computed_tokens
-        req.num_cached_tokens = record.num_cached_tokens
-        req.admitted = True
-        bs = self.blocks.block_size
-        hashes = req.update_hashes(bs, self.root)
-        cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs])
-        need = -(-record.num_computed_tokens // bs) - len(cached)
-        # a cached block with no reference sits in the free pool: touching it takes it out of the pool too
-        reclaimed = sum(self.blocks.blocks[b].ref_cnt == 0 for b in cached)
-        if not self.blocks.can_allocate(need + reclaimed):
-            raise OutOfKVBlocks(
-                f"import of {record.request_id!r} needs {need + reclaimed} free KV blocks, "
-                f"{self.blocks.num_free_blocks} free"
-            )
-        self.blocks.touch(cached)
-        req.block_ids = cached + self.blocks.allocate(need)
-        req.num_cached_blocks = len(cached)
-        req.status = Status.WAITING_FOR_REMOTE_KVS
-        self.requests[req.request_id] = req
-        return KVReservation(request_id=req.request_id, block_ids=list(req.block_ids), num_cached_blocks=len(cached))
-
-    def finish_import(self, request_id: str) -> None:
-        """The reserved blocks now hold the KV: register them in the prefix cache and resume decoding."""
-        req = self._get(request_id, (Status.WAITING_FOR_REMOTE_KVS,))
-        self._cache_full_blocks(req)
-        req.status = Status.RUNNING
-        self.scheduler.running.append(req)
-
     def _get(self, request_id: str, states: tuple[Status, ...]) -> Request:
         req = self.requests.get(request_id)
         if req is None:
@@ -269,7 +199,7 @@ class LLMEngine:
         sched = self.scheduler
         queued = sum(self._prefill_left(r) for r in [*sched.waiting, *sched.running] if not r.output_token_ids)
         return {
-            "num_running": len(sched.running),
+            "num_running": len(sched.running) + len(sched.parked),
             "num_waiting": len(sched.waiting),
             "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values()),
             "num_free_blocks": self.blocks.num_free_blocks,

@@ -22,6 +22,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     out_of_blocks: list[Request] = field(default_factory=list)  # alone and still too long to fit
+    parked: list[Request] = field(default_factory=list)  # would have been preempted: to migrate instead
 
     @property
     def empty(self) -> bool:
@@ -36,6 +37,10 @@ class Scheduler:
         self.root = root
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Out of blocks, with `park_on_pressure` on, the victim is parked (kept with its blocks, not
+        # scheduled) for its worker to migrate away instead of preempted; one at a time, others wait for it.
+        self.park_on_pressure = False
+        self.parked: list[Request] = []
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -46,6 +51,15 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.parked:
+            self.parked.remove(req)
+
+    def unpark(self, req: Request) -> None:
+        """The migration did not happen: schedule it here again; next time it is preempted, not parked."""
+        if req in self.parked:
+            self.parked.remove(req)
+            req.no_park = True
+            self.running.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -69,11 +83,15 @@ class Scheduler:
                 victim = self.running[-1]
                 if victim is req and i == 0:
                     break
+                if self._park(victim, out):
+                    break  # blocks come back when the parked request has migrated: wait a step
                 self._preempt(victim, out)
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
                 break  # req itself was preempted
+            if req in self.parked:
+                continue  # it was the last one and parked itself: the next one is at i now
             if not self.blocks.can_allocate(need):
                 if self._total_blocks(req, num_new) > self.blocks.num_blocks:
                     self.running.remove(req)
@@ -134,6 +152,15 @@ class Scheduler:
         req.block_ids = []
         req.num_cached_blocks = 0
         req.num_computed_tokens = 0
+
+    def _park(self, victim: Request, out: ScheduledBatch) -> bool:
+        if not self.park_on_pressure or victim.no_park or not victim.output_token_ids:
+            return False
+        if not self.parked:
+            self.running.remove(victim)
+            self.parked.append(victim)
+            out.parked.append(victim)
+        return True
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)

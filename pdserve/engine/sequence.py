@@ -55,6 +55,7 @@ class Request:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.admitted = False
+        self.no_park = False  # a migration away under memory pressure failed once: preempt it instead
         self.finish_reason: str | None = None
 
     @property

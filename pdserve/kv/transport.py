@@ -132,7 +132,8 @@ class KVTransport(ABC):
         1 ms up to about 1 ms; a pull that completes inside `start_pull` never sleeps.
         Raises KVTransferError on FAILED or timeout.
         """
-        await self._wait(self.start_pull(peer, src_block_ids, dst_block_ids, key), "pull", peer, src_block_ids, timeout_s)
+        handle = self.start_pull(peer, src_block_ids, dst_block_ids, key)
+        await self._wait(handle, "pull", peer, src_block_ids, timeout_s)
 
     async def serve(self, peer: str, src_block_ids: list[int], key: int, timeout_s: float) -> None:
         """The sender-side step, awaited like `pull`; returns at once for a one-sided transport."""

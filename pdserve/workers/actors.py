@@ -12,15 +12,22 @@ import sys
 
 import ray
 
-from pdserve.config import EngineConfig, WorkerConfig
-from pdserve.protocol import EngineRequest, KVHandoff, PeerInfo
+from pdserve.config import EngineConfig, MigrationConfig, WorkerConfig
+from pdserve.protocol import EngineRequest, KVHandoff, MigrationFinal, MigrationStage, PeerInfo
 
 
 class _WorkerActor:
     role = ""
 
-    def __init__(self, worker_id: str, config: EngineConfig, options: WorkerConfig, transport: str) -> None:
-        self._args = (worker_id, config, options, transport)
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        options: WorkerConfig,
+        transport: str,
+        migration: MigrationConfig | None = None,
+    ) -> None:
+        self._args = (worker_id, config, options, transport, migration)
         self._note: dict = {}
         self.w = None  # the Worker, built by start()
 
@@ -28,8 +35,9 @@ class _WorkerActor:
         if self.w is None:
             from pdserve.workers.worker import Worker  # here: whoever creates the actor need not load torch
 
-            worker_id, config, options, transport = self._args
-            self.w = Worker(worker_id, self.role, config, options, transport, on_fatal=_exit_process)
+            worker_id, config, options, transport, migration = self._args
+            self.w = Worker(worker_id, self.role, config, options, transport, _exit_process, migration)
+            self.w.migrator.self_handle = ray.get_runtime_context().current_actor
         return self.w.peer_info()
 
     async def add_peers(self, infos: list[PeerInfo]) -> None:
@@ -84,6 +92,25 @@ class _WorkerActor:
     async def generate(self, req: EngineRequest) -> None:
         await self.w.generate(req)
 
+    # ---- the handoff: every role can send (a prefill's blocks, a migration's source) ----
+    async def release(self, request_id: str) -> bool:
+        return await self.w.release(request_id)
+
+    async def serve_kv(self, receiver: str, block_ids: list[int], key: int, timeout_s: float) -> None:
+        await self.w.serve_kv(receiver, block_ids, key, timeout_s)
+
+    async def find(self, request_id: str) -> list[str]:
+        return self.w.find(request_id)
+
+    async def migratable(self) -> list[tuple[str, int]]:
+        return await self.w.migratable()
+
+    async def migrate(self, request_id: str, target: str, target_handle, reason: str = "operator"):
+        return await self.w.migrate(request_id, target, target_handle, reason)
+
+    async def migrate_drop(self, migration_id: str) -> None:
+        await self.w.migrate_drop(migration_id)
+
 
 def _exit_process(error: BaseException) -> None:
     """A broken engine ends its actor's process: Ray reports the death to every caller and to the
@@ -99,13 +126,16 @@ class _PrefillMixin:
     async def prefill(self, req: EngineRequest, decode_worker: str = "", decode_handle=None):
         return await self.w.prefill(req, decode_worker, decode_handle)
 
-    async def release(self, request_id: str) -> bool:
-        return await self.w.release(request_id)
-
 
 class _DecodeMixin:
     async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = ""):
         return await self.w.decode(handoff, prefill_handle, reply_to)
+
+    async def migrate_stage(self, stage: MigrationStage, source_handle):
+        return await self.w.migrate_stage(stage, source_handle)
+
+    async def migrate_finish(self, final: MigrationFinal, source_handle):
+        return await self.w.migrate_finish(final, source_handle)
 
 
 @ray.remote

@@ -85,7 +85,7 @@ class EngineLoop:
                             fut.set_exception(e)
                 if self.engine.has_unfinished():
                     deltas = self.engine.step()
-                    if deltas:
+                    if deltas or self.engine.parked_ids:
                         self._on_outputs(deltas)
         except BaseException as e:  # the engine is broken: report it, fail whoever waits, tell the owner
             self.error = e

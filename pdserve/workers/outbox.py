@@ -22,6 +22,9 @@ class Outboxes:
         self._consumer[request_id] = consumer
         self._last_poll.setdefault(consumer, time.monotonic())
 
+    def consumer_of(self, request_id: str) -> str:
+        return self._consumer.get(request_id, "")
+
     def forget(self, request_id: str) -> None:
         self._consumer.pop(request_id, None)
 

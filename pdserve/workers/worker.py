@@ -1,9 +1,8 @@
-"""A worker: one engine, one KV transport, and the handoff transaction, behind async methods.
+"""A worker: one engine, one KV transport, and the two halves of the handoff (sender, receiver) plus the
+live-migration driver, behind async methods; this module is the wiring between them.
 
 Wrapped as Ray actors in `actors.py` (PrefillWorker, DecodeWorker, ColocatedWorker). Tokens leave a worker in
 batches: `poll_outputs` returns everything produced since the last call (one call per step at most).
-Leases: a prefill worker holds a finished prefill's blocks until the decode worker calls `release`, the
-lease deadline passes, the request is aborted, or the decode worker is found dead; then it frees them.
 """
 
 from __future__ import annotations
@@ -12,33 +11,32 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from pdserve.config import ROLES, EngineConfig, WorkerConfig
-from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
+from pdserve.config import ROLES, EngineConfig, MigrationConfig, WorkerConfig
+from pdserve.engine.engine import LLMEngine
 from pdserve.engine_client import WorkerDraining, WorkerFailed
+from pdserve.handoff import Migrator, Receiver, Sender
 from pdserve.protocol import (
     DecodeStarted,
     EngineRequest,
-    KVEventBatch,
     KVHandoff,
     KVLayout,
+    MigrationFinal,
+    MigrationRecord,
+    MigrationStage,
     PeerInfo,
     PrefillResult,
+    StageResult,
     TokenDelta,
     WorkerStats,
 )
 from pdserve.workers.engine_loop import EngineLoop
 from pdserve.workers.outbox import Outboxes
+from pdserve.workers.reports import report_loop
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Lease:
-    deadline: float
-    decode_worker: str
-    decode_handle: object | None  # a Ray actor handle, pinged while the lease is open
+FIRST_TOKEN_WAIT_S = 5.0  # a migration's target waits this long for the resumed request's first token
 
 
 class Worker:
@@ -53,6 +51,7 @@ class Worker:
         options: WorkerConfig,
         transport: str = "nixl",
         on_fatal: Callable[[BaseException], None] | None = None,
+        migration: MigrationConfig | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -61,18 +60,24 @@ class Worker:
 
             torch.set_num_threads(options.torch_threads)
         self.worker_id, self.role, self.options = worker_id, role, options
+        self.migration = migration or MigrationConfig()
         self._on_fatal = on_fatal
         self.engine = LLMEngine(config)
+        self.engine.scheduler.park_on_pressure = self.migration.on_out_of_blocks and role != "prefill"
         self.layout = _layout(self.engine)
         from pdserve.kv.transport import make_transport
 
         self.transport = make_transport(transport, worker_id, self.engine.kv_cache, self.layout)
         self._aio = asyncio.get_running_loop()
         self.outboxes = Outboxes()
+        self.loop = EngineLoop(
+            self.engine, self._on_outputs, name=f"engine-{worker_id}", on_error=self._on_engine_error
+        )
+        self.sender = Sender(worker_id, self.loop, self.transport, options)
+        self.receiver = Receiver(worker_id, self.loop, self.transport, options)
+        self.migrator = Migrator(worker_id, self.loop, self.sender, self.outboxes, self.migration)
         self._prefills: dict[str, asyncio.Future] = {}
-        self._pulling: set[str] = set()  # imports whose blocks a transfer is writing into right now
-        self._abort_after_pull: set[str] = set()
-        self._leases: dict[str, _Lease] = {}
+        self._first_token: dict[str, asyncio.Future] = {}  # migrated in: waiting for the resumed first token
         self._draining = False
         self._closed = False
         self._controller = None
@@ -82,10 +87,7 @@ class Worker:
         self.prefix_hit_tokens_total = 0
         self.num_requests_total = 0
         self.started_at = time.time()
-        self.loop = EngineLoop(
-            self.engine, self._on_outputs, name=f"engine-{worker_id}", on_error=self._on_engine_error
-        )
-        self._tasks = [asyncio.ensure_future(self._lease_keeper())]
+        self._tasks = [asyncio.ensure_future(self._housekeeping())]
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def peer_info(self) -> PeerInfo:
@@ -109,12 +111,14 @@ class Worker:
             started_at=self.started_at, peer=self.peer_info(),
         )  # fmt: skip
 
-    def set_controller(self, handle) -> None:
+    def set_controller(self, handle, self_handle=None) -> None:
         """Start pushing load reports (the heartbeat) to the controller; idempotent."""
         first = self._controller is None
         self._controller = handle
+        if self_handle is not None:
+            self.migrator.self_handle = self_handle
         if first:
-            self._tasks.append(asyncio.ensure_future(self._report_loop()))
+            self._tasks.append(asyncio.ensure_future(report_loop(self)))
 
     async def wait_closed(self) -> None:
         """Returns when the worker shuts down (a death is seen by the caller as an actor error)."""
@@ -127,9 +131,9 @@ class Worker:
         return True
 
     async def stats(self) -> WorkerStats:
-        return self._stats(await self.loop.call(lambda e: e.stats()))
+        return self.wrap_stats(await self.loop.call(lambda e: e.stats()))
 
-    def _stats(self, raw: dict) -> WorkerStats:
+    def wrap_stats(self, raw: dict) -> WorkerStats:
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.loop.alive,
             draining=self._draining, prefix_prompt_tokens_total=self.prefix_prompt_tokens_total,
@@ -153,7 +157,7 @@ class Worker:
         self._draining = True
         while True:
             s = await self.stats()
-            if not (s.num_running or s.num_waiting or s.num_held):
+            if not (s.num_running or s.num_waiting or s.num_held or self.receiver.num_staging):
                 return
             await asyncio.sleep(0.05)
 
@@ -196,21 +200,24 @@ class Worker:
 
     # ---- outputs ------------------------------------------------------------------------------------
     def _on_outputs(self, deltas: list[TokenDelta]) -> None:
-        """Engine thread, once per step: resolve prefills, queue the rest for poll_outputs."""
+        """Engine thread, once per step: export finished prefills, queue the rest for poll_outputs."""
         handoffs = {}
         for d in deltas:
             if d.request_id in self._prefills and d.kv_held:
-                record, blocks = self.engine.export_request(d.request_id)
-                handoffs[d.request_id] = (record, blocks)
-        self._aio.call_soon_threadsafe(self._deliver, deltas, handoffs)
+                handoffs[d.request_id] = self.engine.export_request(d.request_id)
+        parked, self.engine.parked_ids = self.engine.parked_ids, []
+        self._aio.call_soon_threadsafe(self._deliver, deltas, handoffs, parked)
 
-    def _deliver(self, deltas: list[TokenDelta], handoffs: dict) -> None:
+    def _deliver(self, deltas: list[TokenDelta], handoffs: dict, parked: list[str]) -> None:
         out = []
         for d in deltas:
             if d.request_id in self._first_pending and (d.new_token_ids or d.finished):
                 self._first_pending.discard(d.request_id)
                 self.prefix_prompt_tokens_total += d.num_prompt_tokens
                 self.prefix_hit_tokens_total += d.num_cached_tokens
+            waiter = self._first_token.pop(d.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(time.time())
             fut = self._prefills.pop(d.request_id, None)
             if fut is None:
                 out.append(d)
@@ -218,25 +225,21 @@ class Worker:
             handoff = None
             if d.request_id in handoffs:
                 record, blocks = handoffs[d.request_id]
-                lease = self._leases.get(d.request_id)
-                deadline = time.time() + self.options.lease_s  # the lease runs from the end of the prefill
-                if lease is not None:
-                    lease.deadline = deadline
+                deadline = self.sender.start_lease(d.request_id, blocks)  # the lease runs from the prefill's end
                 handoff = KVHandoff(
-                    request=record,
-                    prefill_worker=self.worker_id,
-                    block_ids=blocks,
-                    lease_deadline=deadline,
+                    request=record, prefill_worker=self.worker_id, block_ids=blocks, lease_deadline=deadline,
                     num_bytes=len(blocks) * self.layout.block_bytes,
-                )
+                )  # fmt: skip
             if not fut.done():
                 fut.set_result(
                     PrefillResult(delta=d, handoff=handoff, queue_s=d.queue_s or 0.0, prefill_s=d.prefill_s or 0.0)
                 )
             elif handoff is not None:  # the caller gave up (cancelled): nobody will pull
-                self._release_now(d.request_id)
+                self.sender.release_now(d.request_id)
         if out:
             self.outboxes.put(out)
+        for rid in parked:
+            asyncio.ensure_future(self._migrate_parked(rid))
 
     async def poll_outputs(self, timeout_s: float = 1.0, consumer: str = "") -> list[TokenDelta]:
         """Everything produced for `consumer` (a frontend) since its last call; waits up to timeout_s."""
@@ -266,7 +269,7 @@ class Worker:
         self._admit_check()
         fut = self._aio.create_future()
         self._prefills[req.request_id] = fut
-        self._leases[req.request_id] = _Lease(time.time() + self.options.lease_s, decode_worker, decode_handle)
+        self.sender.hold(req.request_id, decode_worker, decode_handle)
         self._first_pending.add(req.request_id)
         self.num_requests_total += 1
         try:
@@ -274,24 +277,21 @@ class Worker:
             result = await asyncio.shield(fut)
         except BaseException:
             self._prefills.pop(req.request_id, None)
-            self._leases.pop(req.request_id, None)
+            self.sender.forget(req.request_id)
             self._first_pending.discard(req.request_id)
             await self._abort_local([req.request_id])
             raise
         if result.handoff is None:
-            self._leases.pop(req.request_id, None)
+            self.sender.forget(req.request_id)
         return result
 
     async def release(self, request_id: str) -> bool:
-        """The decode worker has pulled the KV (or gave up): free the held blocks now."""
-        if self._leases.pop(request_id, None) is None:
-            return False
-        await self.loop.call(lambda e: e.release(request_id) if _is_held(e, request_id) else None)
-        return True
+        """The receiver has pulled the KV (or gave up): free the held blocks now."""
+        return await self.sender.release(request_id)
 
-    def _release_now(self, request_id: str) -> None:
-        self._leases.pop(request_id, None)
-        self.loop.submit(lambda e: e.release(request_id) if _is_held(e, request_id) else None)
+    async def serve_kv(self, receiver: str, block_ids: list[int], key: int, timeout_s: float) -> None:
+        """The sender's step of a two-sided transport, for blocks held for `receiver`."""
+        await self.sender.serve(receiver, block_ids, key, timeout_s)
 
     async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = "") -> DecodeStarted:
         """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding;
@@ -299,77 +299,95 @@ class Worker:
         self._admit_check()
         self.outboxes.register(handoff.request.request_id, reply_to)
         self.num_requests_total += 1
-        rid = handoff.request.request_id
-        start = time.perf_counter()  # the handoff's time runs from reservation to confirmation
         try:
-            reservation = await self._reserve(handoff)
+            return await self.receiver.import_handoff(handoff, prefill_handle)
         except BaseException:
-            self.outboxes.forget(rid)
+            self.outboxes.forget(handoff.request.request_id)
             raise
-        n = reservation.num_cached_blocks
-        # finish before the sender's lease runs out, or it may reuse the blocks we are reading
-        timeout = min(self.options.pull_timeout_s, handoff.lease_deadline - time.time() - 0.5)
-        self._pulling.add(rid)
-        try:
-            if timeout <= 0:
-                raise TimeoutError(f"lease for {rid} ends before its KV could be pulled")
-            await self.transport.pull(
-                handoff.prefill_worker, handoff.block_ids[n:], reservation.block_ids[n:], timeout_s=timeout
-            )
-        except BaseException:
-            self._pulling.discard(rid)
-            self._abort_after_pull.discard(rid)
-            await self._abort_local([rid])
-            raise
-        finally:
-            if prefill_handle is not None:
-                prefill_handle.release.remote(rid)  # confirm (or give up): the sender frees either way
-        elapsed = time.perf_counter() - start
-        self._pulling.discard(rid)
-        if rid in self._abort_after_pull:  # cancelled while the transfer was writing into our blocks
-            self._abort_after_pull.discard(rid)
-            await self._abort_local([rid])
-            raise asyncio.CancelledError(f"{rid} was aborted during its KV transfer")
-        await self.loop.call(lambda e: e.finish_import(rid))
-        return DecodeStarted(kv_transfer_s=elapsed, num_bytes=(len(handoff.block_ids) - n) * self.layout.block_bytes)
 
     async def ping(self) -> bool:
         return True
 
-    async def _reserve(self, handoff: KVHandoff):
-        deadline = time.monotonic() + self.options.reserve_timeout_s
-        delay = 0.005
-        while True:
-            try:
-                return await self.loop.call(lambda e: e.import_request(handoff.request))
-            except OutOfKVBlocks:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-
     async def abort(self, request_ids: list[str]) -> None:
-        """Cancel requests in any state here; blocks a transfer is still writing are freed after it ends."""
-        now = []
+        """Cancel requests in any state here (or where they migrated to); blocks a transfer is still
+        writing or reading are freed after it ends."""
         for rid in request_ids:
             fut = self._prefills.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.cancel()
             self._first_pending.discard(rid)
             self.outboxes.forget(rid)
-            self._leases.pop(rid, None)
-            if rid in self._pulling:
-                self._abort_after_pull.add(rid)
-            else:
-                now.append(rid)
+            self.sender.forget(rid)
+        now = self.receiver.defer_abort(self.migrator.defer_abort(self.sender.follow_aborts(request_ids)))
         await self._abort_local(now)
 
     async def _abort_local(self, request_ids: list[str]) -> None:
         await self.loop.call(lambda e: [e.abort(rid) for rid in request_ids])
 
+    # ---- live migration -----------------------------------------------------------------------------
+    def find(self, request_id: str) -> list[str]:
+        """Engine request ids here that belong to the API request `request_id` (its choices, retries)."""
+        n = len(request_id) + 1
+        return [
+            rid for rid in self.engine.requests
+            if rid == request_id or (rid[:n] == request_id + "-" and rid[n:].split(".")[0].isdigit())
+        ]  # fmt: skip
+
+    async def migratable(self) -> list[tuple[str, int]]:
+        return await self.loop.call(lambda e: e.migratable())
+
+    async def migrate(self, request_id: str, target: str, target_handle, reason: str) -> MigrationRecord:
+        """Move a running request to `target` (source side); the record says how it went."""
+        return await self.migrator.migrate(request_id, target, target_handle, reason)
+
+    async def migrate_stage(self, stage: MigrationStage, source_handle) -> StageResult:
+        self._admit_check()
+        return await self.receiver.stage(stage, source_handle)
+
+    async def migrate_finish(self, final: MigrationFinal, source_handle) -> StageResult:
+        """Target side of the final stage: take the request over and resume it here."""
+        self._admit_check()
+        rid = final.request.request_id
+        self.outboxes.register(rid, final.reply_to)
+        waiter = self._first_token[rid] = self._aio.create_future()
+        try:
+            result = await self.receiver.finish_migration(final, source_handle)
+        except BaseException:
+            self._first_token.pop(rid, None)
+            self.outboxes.forget(rid)
+            raise
+        self.num_requests_total += 1
+        try:
+            result.first_token_at = await asyncio.wait_for(asyncio.shield(waiter), FIRST_TOKEN_WAIT_S)
+        except asyncio.TimeoutError:
+            self._first_token.pop(rid, None)
+        return result
+
+    async def migrate_drop(self, migration_id: str) -> None:
+        await self.receiver.drop(migration_id)
+
+    async def _migrate_parked(self, rid: str) -> None:
+        """Out of blocks, the engine parked `rid` instead of preempting it: move it where there is room,
+        or let the engine preempt it after all."""
+        record = None
+        try:
+            target = None
+            if self._controller is not None:
+                blocks = dict(await self.migratable()).get(rid, 0)
+                target = await asyncio.wait_for(self._controller.migration_target.remote(self.worker_id, blocks), 5.0)
+            if target is not None:
+                record = await self.migrator.migrate(rid, target[0], target[1], "out_of_blocks")
+                await asyncio.wait_for(self._controller.record_migration.remote(record), 5.0)
+        except Exception as e:
+            log.warning("could not migrate parked request %s: %r", rid, e)
+        finally:
+            if record is None or record.outcome != "migrated":
+                await self.loop.call(lambda e: e.unpark(rid))
+
     # ---- background -------------------------------------------------------------------------------
-    async def _lease_keeper(self) -> None:
-        """Free leases past their deadline, and those of decode workers that Ray reports dead."""
+    async def _housekeeping(self) -> None:
+        """Free expired leases (and those of receivers Ray reports dead); abort the requests of frontends
+        that stopped polling."""
         last_check = 0.0
         while True:
             await asyncio.sleep(0.05)
@@ -378,60 +396,10 @@ class Worker:
                     log.warning("frontend %s stopped polling; aborting its %d requests", consumer, len(rids))
                     asyncio.ensure_future(self.abort(rids))
             now = time.time()
-            for rid, lease in list(self._leases.items()):
-                if lease.deadline < now and rid not in self._prefills:
-                    log.warning("lease for %s expired; freeing its blocks", rid)
-                    self._release_now(rid)
-            if self._leases and now - last_check > self.options.liveness_interval_s:
+            check = now - last_check > self.options.liveness_interval_s
+            if check:
                 last_check = now
-                await self._check_decoders()
-
-    async def _check_decoders(self) -> None:
-        import ray
-
-        handles = {lease.decode_worker: lease.decode_handle for lease in self._leases.values() if lease.decode_handle}
-        for name, handle in handles.items():
-            try:
-                await asyncio.wait_for(handle.ping.remote(), timeout=self.options.liveness_interval_s * 4)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                for rid, lease in list(self._leases.items()):
-                    if lease.decode_worker == name and rid not in self._prefills:
-                        log.warning("decode worker %s is gone; freeing the blocks held for %s", name, rid)
-                        self._release_now(rid)
-
-    async def _report_loop(self) -> None:
-        """Load and KV events to the controller (the heartbeat); a full snapshot of the prefix cache when it
-        asks to resync (a gap, or a restarted controller that lost its index)."""
-        import uuid
-
-        epoch, seq, failing = uuid.uuid4().hex, 0, False
-        while True:
-            try:
-                raw, events = await self.loop.call(lambda e: (e.stats(), e.take_kv_events()))
-                seq += 1
-                batch = KVEventBatch(worker_id=self.worker_id, epoch=epoch, seq=seq, events=events)
-                if not await asyncio.wait_for(self._controller.report.remote(self._stats(raw), batch), 5.0):
-                    seq += 1
-                    hashes = await self.loop.call(lambda e: e.kv_snapshot())
-                    await asyncio.wait_for(self._controller.resync.remote(self.worker_id, epoch, seq, hashes), 5.0)
-                if failing:
-                    log.warning("reports to the controller go through again")
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a restarting controller must not kill the worker; the next report resyncs
-                if not failing:
-                    log.warning("report to the controller failed (%r); retrying", e)
-                failing = True
-                seq += 1  # a gap: the controller will ask for a resync
-            await asyncio.sleep(self.options.report_interval_s)
-
-
-def _is_held(engine: LLMEngine, request_id: str) -> bool:
-    from pdserve.engine.sequence import Status
-
-    req = engine.requests.get(request_id)
-    return req is not None and req.status is Status.HELD
+            await self.sender.check(now, check)
 
 
 def _layout(engine: LLMEngine) -> KVLayout:

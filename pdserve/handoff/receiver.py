@@ -1,0 +1,178 @@
+"""The receiving half of a KV handoff: reserve blocks (reusing this engine's prefix cache), pull the rest
+from the sender (asking it for its side when the transport is two-sided), finish the import; and a live
+migration's staged blocks until the final stage takes them over or the migration is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+from pdserve.config import WorkerConfig
+from pdserve.engine.handoff import OutOfKVBlocks
+from pdserve.kv.transport import KVTransport
+from pdserve.protocol import DecodeStarted, KVHandoff, MigrationFinal, MigrationStage, StageResult
+
+
+@dataclass
+class _Inbound:
+    request_id: str
+    blocks: list[int] = field(default_factory=list)  # staged so far, in the request's block order
+    busy: bool = False  # a stage's pull is writing into them
+    dropped: bool = False
+
+
+class Receiver:
+    def __init__(self, worker_id: str, loop, transport: KVTransport, options: WorkerConfig) -> None:
+        self.worker_id, self.loop, self.transport, self.options = worker_id, loop, transport, options
+        self._pulling: set[str] = set()  # requests whose blocks a transfer is writing into right now
+        self._abort_after_pull: set[str] = set()
+        self._inbound: dict[str, _Inbound] = {}  # migration id -> staged blocks
+
+    # ---- common steps ----------------------------------------------------------------------------------
+    async def reserve(self, fn):
+        """Run `fn(engine)` (an import or a stage), retrying while the engine is out of blocks."""
+        deadline = time.monotonic() + self.options.reserve_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                return await self.loop.call(fn)
+            except OutOfKVBlocks:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    async def pull(self, sender: str, sender_handle, src: list[int], dst: list[int], timeout_s: float) -> None:
+        """Copy the sender's blocks `src` into ours `dst`; a two-sided transport gets the sender's step too."""
+        if not src:
+            return
+        if not self.transport.two_sided:
+            await self.transport.pull(sender, src, dst, timeout_s=timeout_s)
+            return
+        key = random.getrandbits(31)
+        serve = sender_handle.serve_kv.remote(self.worker_id, src, key, timeout_s)
+        results = await asyncio.gather(
+            self.transport.pull(sender, src, dst, timeout_s=timeout_s, key=key), serve, return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    # ---- prefill -> decode -------------------------------------------------------------------------------
+    async def import_handoff(self, handoff: KVHandoff, sender_handle) -> DecodeStarted:
+        """Reserve, pull from the prefill worker, confirm so it frees its blocks, and start decoding."""
+        rid = handoff.request.request_id
+        start = time.perf_counter()  # the handoff's time runs from reservation to confirmation
+        reservation = await self.reserve(lambda e: e.import_request(handoff.request))
+        n = reservation.num_cached_blocks
+        # finish before the sender's lease runs out, or it may reuse the blocks we are reading
+        timeout = min(self.options.pull_timeout_s, handoff.lease_deadline - time.time() - 0.5)
+        self._pulling.add(rid)
+        try:
+            if timeout <= 0:
+                raise TimeoutError(f"lease for {rid} ends before its KV could be pulled")
+            await self.pull(
+                handoff.prefill_worker, sender_handle, handoff.block_ids[n:], reservation.block_ids[n:], timeout
+            )
+        except BaseException:
+            self._pulling.discard(rid)
+            self._abort_after_pull.discard(rid)
+            await self._abort_local([rid])
+            raise
+        finally:
+            if sender_handle is not None:
+                sender_handle.release.remote(rid)  # confirm (or give up): the sender frees either way
+        elapsed = time.perf_counter() - start
+        await self._finish(rid)
+        return DecodeStarted(kv_transfer_s=elapsed, num_bytes=(len(handoff.block_ids) - n) * self.layout_bytes)
+
+    async def _finish(self, rid: str) -> None:
+        self._pulling.discard(rid)
+        if rid in self._abort_after_pull:  # cancelled while the transfer was writing into our blocks
+            self._abort_after_pull.discard(rid)
+            await self._abort_local([rid])
+            raise asyncio.CancelledError(f"{rid} was aborted during its KV transfer")
+        await self.loop.call(lambda e: e.finish_import(rid))
+
+    @property
+    def layout_bytes(self) -> int:
+        return self.transport.layout.block_bytes
+
+    # ---- live migration, target side ---------------------------------------------------------------------
+    async def stage(self, stage: MigrationStage, sender_handle) -> StageResult:
+        """Stage the source's new full blocks: reuse what our cache holds, pull the rest."""
+        inbound = self._inbound.setdefault(stage.migration_id, _Inbound(stage.request_id))
+        if inbound.busy or stage.start != len(inbound.blocks):
+            raise ValueError(f"migration {stage.migration_id}: stage at {stage.start}, {len(inbound.blocks)} staged")
+        have = list(inbound.blocks)
+        new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
+        inbound.blocks += new
+        inbound.busy, ok = True, False
+        try:
+            src, dst = stage.src_block_ids[reused:], new[reused:]
+            await self.pull(stage.source, sender_handle, src, dst, self.options.pull_timeout_s)
+            ok = True
+        finally:
+            inbound.busy = False
+            if not ok or inbound.dropped:
+                self._inbound.pop(stage.migration_id, None)
+                await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
+        if inbound.dropped:
+            raise asyncio.CancelledError(f"migration {stage.migration_id} was dropped")
+        return StageResult(num_copied=len(new) - reused, num_reused=reused)
+
+    async def finish_migration(self, final: MigrationFinal, sender_handle) -> StageResult:
+        """Import the paused request over the staged blocks, pull the rest, and resume it here."""
+        inbound = self._inbound.pop(final.migration_id, _Inbound(final.request.request_id))
+        rid = final.request.request_id
+        if inbound.busy or final.start != len(inbound.blocks):
+            await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
+            raise ValueError(f"migration {final.migration_id}: final at {final.start}, {len(inbound.blocks)} staged")
+        try:
+            reservation = await self.reserve(lambda e: e.import_request(final.request, have=inbound.blocks))
+        except BaseException:
+            await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
+            raise
+        n = len(inbound.blocks)
+        self._pulling.add(rid)
+        try:
+            dst = reservation.block_ids[n:]
+            await self.pull(final.source, sender_handle, final.src_block_ids, dst, self.options.pull_timeout_s)
+        except BaseException:
+            self._pulling.discard(rid)
+            self._abort_after_pull.discard(rid)
+            await self._abort_local([rid])
+            raise
+        await self._finish(rid)
+        return StageResult(num_copied=len(final.src_block_ids), num_reused=0)
+
+    async def drop(self, migration_id: str) -> None:
+        """The migration will not complete: give its staged blocks back (after a pull into them ends)."""
+        inbound = self._inbound.pop(migration_id, None)
+        if inbound is None:
+            return
+        if inbound.busy:
+            inbound.dropped = True  # the stage frees them when its pull has ended
+            return
+        await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
+
+    # ---- aborts -------------------------------------------------------------------------------------------
+    def defer_abort(self, request_ids: list[str]) -> list[str]:
+        """Those of `request_ids` safe to abort now; the rest are aborted when their transfer ends."""
+        now = []
+        for rid in request_ids:
+            if rid in self._pulling:
+                self._abort_after_pull.add(rid)
+            else:
+                now.append(rid)
+        return now
+
+    async def _abort_local(self, request_ids: list[str]) -> None:
+        await self.loop.call(lambda e: [e.abort(rid) for rid in request_ids])
+
+    @property
+    def num_staging(self) -> int:
+        return len(self._inbound)

@@ -22,6 +22,7 @@ class _Inbound:
     blocks: list[int] = field(default_factory=list)  # staged so far, in the request's block order
     busy: bool = False  # a stage's pull is writing into them
     dropped: bool = False
+    touched: float = field(default_factory=time.monotonic)  # last stage; staged blocks of a silent source expire
 
 
 class Receiver:
@@ -107,6 +108,7 @@ class Receiver:
         inbound = self._inbound.setdefault(stage.migration_id, _Inbound(stage.request_id))
         if inbound.busy or stage.start != len(inbound.blocks):
             raise ValueError(f"migration {stage.migration_id}: stage at {stage.start}, {len(inbound.blocks)} staged")
+        inbound.touched = time.monotonic()
         have = list(inbound.blocks)
         new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
         inbound.blocks += new
@@ -158,6 +160,13 @@ class Receiver:
             inbound.dropped = True  # the stage frees them when its pull has ended
             return
         await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
+
+    async def expire(self, max_age_s: float) -> None:
+        """Drop staged migrations whose source went silent (it died, or lost track) for `max_age_s`."""
+        now = time.monotonic()
+        for mid, inbound in list(self._inbound.items()):
+            if not inbound.busy and now - inbound.touched > max_age_s:
+                await self.drop(mid)
 
     # ---- aborts -------------------------------------------------------------------------------------------
     def defer_abort(self, request_ids: list[str]) -> list[str]:

@@ -400,6 +400,7 @@ class Worker:
             if check:
                 last_check = now
             await self.sender.check(now, check)
+            await self.receiver.expire(2 * self.migration.stage_timeout_s)
 
 
 def _layout(engine: LLMEngine) -> KVLayout:

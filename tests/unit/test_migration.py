@@ -18,18 +18,23 @@ _ids = itertools.count()
 
 
 class Handle:
-    """A Ray-actor-like handle on an in-process worker: `handle.method.remote(...)` is an awaitable task."""
+    """A Ray-actor-like handle on an in-process worker: `handle.method.remote(...)` is an awaitable task.
+    `hooks[name]` (async, given the call's args) runs before the method: tests intervene mid-migration."""
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
+        self.hooks = {}
 
     def __getattr__(self, name):
         fn = getattr(self.w, name)
+        hook = self.hooks.get(name)
 
         class _Method:
             @staticmethod
             def remote(*args, **kwargs):
                 async def run():
+                    if hook is not None:
+                        await hook(*args)
                     out = fn(*args, **kwargs)
                     return await out if asyncio.iscoroutine(out) else out
 
@@ -59,12 +64,17 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 
 async def collect(workers: list[Worker], rid: str, timeout_s: float = 60.0) -> list:
     """Every delta of `rid` from every worker's outbox, until the finished one."""
-    got = []
+    return (await collect_all(workers, [rid], timeout_s))[rid]
+
+
+async def collect_all(workers: list[Worker], rids: list[str], timeout_s: float = 60.0) -> dict[str, list]:
+    got = {rid: [] for rid in rids}
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not any(d.finished for d in got):
-        assert asyncio.get_running_loop().time() < deadline, f"{rid} never finished: {len(got)} deltas"
+    while not all(any(d.finished for d in ds) for ds in got.values()):
+        assert asyncio.get_running_loop().time() < deadline, f"never finished: { {r: len(d) for r, d in got.items()} }"
         polls = await asyncio.gather(*(w.poll_outputs(0.02, CONSUMER) for w in workers))
-        got += [d for batch in polls for d in batch if d.request_id == rid]
+        for d in (d for batch in polls for d in batch):
+            got[d.request_id].append(d)
     return got
 
 
@@ -142,5 +152,216 @@ def test_migrated_stream_equals_an_undisturbed_run(kind, hops):
         await leak_free(a, b)
         await a.shutdown()
         await b.shutdown()
+
+    asyncio.run(main())
+
+
+def start(w: Worker, ids: list[int], params: SamplingParams) -> str:
+    rid = f"r{next(_ids)}"
+    req = EngineRequest(request_id=rid, prompt_token_ids=ids, params=params, reply_to=CONSUMER)
+    return rid, asyncio.ensure_future(w.generate(req))
+
+
+GREEDY = PARAMS["greedy"]
+
+
+def run_fault(intervene, expect: str, aborted: bool = False, **migration):
+    """Migrate a greedy request from a to b with `intervene(a, b, ha, hb, rid)` installing hooks; the
+    migration's outcome must be `expect`, the stream must equal the reference (unless aborted), and
+    neither worker may hold a block at the end."""
+
+    async def main():
+        ids = prompt(150)
+        expected = await reference(GREEDY, ids)
+        (a, ha), (b, hb) = pair(**migration)
+        try:
+            rid, admitted = start(a, ids, GREEDY)
+            await admitted
+            collector = asyncio.ensure_future(collect([a, b], rid))
+            await wait_tokens(a, rid, 5)
+            intervene(a, b, ha, hb, rid)
+            rec = await a.migrate(rid, b.worker_id, hb, "operator")
+            assert rec.outcome == expect, rec
+            if aborted:  # cancelled: nothing more is generated anywhere, and no finish comes
+                await leak_free(a, b)
+                await asyncio.sleep(0.3)
+                assert not collector.done()
+                collector.cancel()
+                return rec
+            assert tokens_of(await collector) == expected
+            await leak_free(a, b)
+            return rec
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_target_refuses_and_the_request_carries_on_at_the_source():
+    def intervene(a, b, ha, hb, rid):
+        b._draining = True  # a draining target refuses every stage
+
+    rec = run_fault(intervene, "failed")
+    assert "draining" in rec.error
+
+
+def test_target_dies_in_the_final_stage():
+    def intervene(a, b, ha, hb, rid):
+        async def die(final, source):
+            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+        hb.hooks["migrate_finish"] = die
+
+    rec = run_fault(intervene, "failed")
+    assert "actor died" in rec.error
+
+
+def test_a_failed_transfer_aborts_the_migration():
+    def intervene(a, b, ha, hb, rid):
+        from pdserve.kv.transport import KVTransferError
+
+        def broken(*args, **kwargs):
+            raise KVTransferError("injected: the NIC went away")
+
+        b.transport.start_pull = broken
+
+    rec = run_fault(intervene, "failed")
+    assert "NIC went away" in rec.error
+
+
+def test_cancel_during_a_stage_frees_both_sides():
+    def intervene(a, b, ha, hb, rid):
+        async def cancel(stage, source):
+            await a.abort([rid])
+
+        hb.hooks["migrate_stage"] = cancel
+
+    run_fault(intervene, "finished", aborted=True)
+
+
+def test_cancel_during_the_final_stage_follows_the_request_to_the_target():
+    def intervene(a, b, ha, hb, rid):
+        async def cancel(final, source):
+            await a.abort([rid])  # deferred at the source: the target has not confirmed yet
+
+        hb.hooks["migrate_finish"] = cancel
+
+    assert run_fault(intervene, "migrated", aborted=True).blocks_per_stage
+
+
+def test_request_finishing_mid_migration():
+    def intervene(a, b, ha, hb, rid):
+        async def finish_first(stage, source):
+            while rid in a.engine.requests:  # the source decodes to the end while the stage waits
+                await asyncio.sleep(0.01)
+
+        hb.hooks["migrate_stage"] = finish_first
+
+    run_fault(intervene, "finished")
+
+
+def test_source_dies_mid_migration_and_the_target_drops_what_it_staged():
+    async def main():
+        (a, ha), (b, hb) = pair(stage_timeout_s=0.2)
+        rid, admitted = start(a, prompt(150), GREEDY)
+        await admitted
+        await wait_tokens(a, rid, 5)
+        staged = asyncio.Event()
+
+        async def after_stage(final, source):
+            staged.set()
+            await asyncio.sleep(3600)  # the source "dies" here: no final stage ever comes
+
+        hb.hooks["migrate_finish"] = after_stage
+        task = asyncio.ensure_future(a.migrate(rid, b.worker_id, hb, "operator"))
+        await staged.wait()
+        assert b.receiver.num_staging == 1 and await b.leak_report() is not None
+        task.cancel()
+        await a.shutdown()
+        await leak_free(b)  # expired after 2 x stage_timeout_s without a word from the source
+        await b.shutdown()
+
+    asyncio.run(main())
+
+
+class FakeController:
+    """What a worker asks the controller when it runs out of blocks: a target (or none), and the record."""
+
+    def __init__(self, target) -> None:
+        self.target, self.records = target, []
+        me = self
+
+        class _Call:
+            def __init__(self, fn) -> None:
+                self.fn = fn
+
+            def remote(self, *args):
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(self.fn(*args))
+                return fut
+
+        self.migration_target = _Call(lambda worker, blocks: me.target)
+        self.record_migration = _Call(me.records.append)
+
+
+@pytest.mark.parametrize("room_elsewhere", [True, False])
+def test_out_of_blocks_migrates_instead_of_preempting(room_elsewhere):
+    """Four requests that outgrow the source's KV: with room on another worker the one that would be
+    preempted moves there (no recompute); with none, it is preempted as before. Same tokens either way."""
+
+    async def main():
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        prompts = [prompt(90, seed=s) for s in range(4)]
+        expected = [await reference(params, p) for p in prompts]
+        a, b = make_worker(f"a{next(_ids)}", num_kv_blocks=30)[0], make_worker(f"b{next(_ids)}")[0]
+        hb = Handle(b)
+        a.add_peers([b.peer_info()])
+        b.add_peers([a.peer_info()])
+        a._controller = FakeController((b.worker_id, hb) if room_elsewhere else None)
+        try:
+            rids = []
+            for p in prompts:
+                rid, admitted = start(a, p, params)
+                await admitted
+                rids.append(rid)
+            outs = await collect_all([a, b], rids)
+            assert [tokens_of(outs[rid]) for rid in rids] == expected
+            records = a._controller.records
+            if room_elsewhere:
+                assert records and all(r.reason == "out_of_blocks" for r in records)
+                assert any(r.outcome == "migrated" for r in records)
+                assert a.engine.num_preemptions_total == 0
+            else:
+                assert not records and a.engine.num_preemptions_total > 0
+            await leak_free(a, b)
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())
+
+
+def test_text_held_back_for_a_stop_string_survives_the_move():
+    async def main():
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=["@@@@@@"])
+        ids = prompt(120)
+        w, _ = make_worker(f"ref-{next(_ids)}")
+        rid, admitted = start(w, ids, params)
+        await admitted
+        want = "".join(d.text for d in await collect([w], rid))
+        await w.shutdown()
+        (a, ha), (b, hb) = pair()
+        try:
+            rid, admitted = start(a, ids, params)
+            await admitted
+            collector = asyncio.ensure_future(collect([a, b], rid))
+            await wait_tokens(a, rid, 7)
+            assert (await a.migrate(rid, b.worker_id, hb, "operator")).outcome == "migrated"
+            got = sorted(await collector, key=lambda d: (d.index, d.finished))
+            assert "".join(d.text for d in got) == want
+        finally:
+            await a.shutdown()
+            await b.shutdown()
 
     asyncio.run(main())

@@ -126,6 +126,29 @@ def drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate(args: argparse.Namespace) -> int:
+    import msgspec
+    import ray
+
+    try:
+        records = ray.get(_controller(args).migrate.remote(args.request_id, args.to), timeout=300)
+    except ray.exceptions.RayTaskError as e:  # not running anywhere (KeyError), a bad target (ValueError)
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, (KeyError, ValueError)):
+            raise ValueError(str(cause).strip("'\"")) from None
+        raise
+    failed = 0
+    for r in records:
+        stages = "+".join(str(n) for n in r.blocks_per_stage)
+        error = f"; {r.error}" if r.error else ""
+        print(f"{r.request_id}: {r.source} -> {r.target or '?'} {r.outcome}; blocks copied per stage {stages or '-'}, "
+              f"pause {r.pause_s * 1e3:.1f} ms, total {r.total_s * 1e3:.0f} ms{error}")  # fmt: skip
+        failed += r.outcome != "migrated"
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(records), indent=2))
+    return 1 if failed else 0
+
+
 def shutdown(args: argparse.Namespace) -> int:
     import ray
 
@@ -161,6 +184,12 @@ def add_parsers(sub) -> None:
     common(p)
     p.add_argument("worker_id")
     p.set_defaults(func=drain)
+    p = sub.add_parser("migrate", help="move a running request to another worker, live (multi-stage KV copy)")
+    common(p)
+    p.add_argument("request_id", help="the id the API returned (cmpl-..., chatcmpl-...)")
+    p.add_argument("--to", default=None, metavar="WORKER", help="target worker id (default: the least loaded)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=migrate)
     p = sub.add_parser("shutdown", help="stop every actor of a running deployment")
     common(p)
     p.set_defaults(func=shutdown)

@@ -53,6 +53,11 @@ class EngineClient(Protocol):
         """Liveness: raise ServiceUnavailable unless this process can serve at all (its engine loop runs, or it
         reaches its controller). Never a data-path request."""
 
+    async def migrate(self, request_id: str, target_worker: str | None) -> list[dict]:
+        """Move the API request `request_id` (each of its choices) to another worker, live; one record per
+        choice (outcome, stages, bytes, pause). KeyError if it is not running; ValueError for a bad target
+        or a deployment that cannot migrate."""
+
     async def stats(self) -> dict:
         """Per-worker numbers for /health and gauges (running, waiting, kv usage, ...)."""
 

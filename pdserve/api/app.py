@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pdserve.api.chat import create_chat_completion
 from pdserve.api.completions import create_completion
 from pdserve.api.errors import APIError, error_response, install_handlers, internal_error
+from pdserve.api.protocol import MigrateRequest
 from pdserve.api.responses import ModelCard, ModelList
-from pdserve.api.serving import Admission, ServingContext
+from pdserve.api.serving import Admission, ServingContext, parse_body
 from pdserve.api.sse import STATUS_KEY
 from pdserve.engine_client import EngineClient, ServiceUnavailable
 from pdserve.metrics import Metrics
@@ -40,7 +41,7 @@ def create_app(
     max_pending: int = 1024,
     metrics: Metrics | None = None,
 ) -> FastAPI:
-    """An app serving `client`. `api_key`: required as a Bearer token on /v1/*; `max_pending`: generation
+    """An app serving `client`. `api_key`: required as a Bearer token on /v1/* and /admin/*; `max_pending`: generation
     requests in flight at this server before new ones get 429."""
     metrics = metrics if metrics is not None else Metrics()
     ctx = ServingContext(
@@ -89,6 +90,19 @@ def create_app(
     async def retrieve_model(model: str) -> ModelCard:
         ctx.check_model(model)
         return model_card()
+
+    @app.post("/admin/migrate", dependencies=v1)
+    async def admin_migrate(request: Request) -> Response:
+        """Move a running request (every choice of it) to another worker, live: `request_id` is the id this
+        API returned (cmpl-..., chatcmpl-...); `target_worker` is optional (default: the least loaded)."""
+        body = await parse_body(request, MigrateRequest)
+        try:
+            records = await client.migrate(body.request_id, body.target_worker)
+        except KeyError as e:
+            raise APIError(404, str(e).strip("'\""), param="request_id", code="request_not_found") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="target_worker") from None
+        return JSONResponse({"object": "list", "data": records})
 
     async def probe(check, word: str) -> Response:
         try:

@@ -194,3 +194,12 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class MigrateRequest(BaseModel):
+    """POST /admin/migrate: move a running request to another worker (live migration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, description="the id the API returned (cmpl-..., chatcmpl-...)")
+    target_worker: str | None = Field(None, min_length=1, description="a worker id; default: the least loaded")

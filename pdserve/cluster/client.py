@@ -211,6 +211,18 @@ class ClusterClient:
             self.metrics.kv_transfer_seconds.observe(started.kv_transfer_s)
             self.metrics.kv_transfer_bytes.inc(started.num_bytes)
 
+    async def migrate(self, request_id: str, target_worker: str | None) -> list[dict]:
+        try:
+            records = await self.controller.migrate.remote(request_id, target_worker)
+        except ray.exceptions.RayTaskError as e:  # a KeyError / ValueError raised in the controller
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, (KeyError, ValueError)):
+                raise type(cause)(*cause.args) from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise ServiceUnavailable(f"the controller is unreachable: {last_line(e)}") from None
+        return [msgspec.to_builtins(r) for r in records]
+
     # ---- probes ---------------------------------------------------------------------------------------
     async def check_health(self) -> None:
         """Liveness: this process runs and reaches its controller (no data-path probe)."""

@@ -31,6 +31,7 @@ class Receiver:
         self._pulling: set[str] = set()  # requests whose blocks a transfer is writing into right now
         self._abort_after_pull: set[str] = set()
         self._inbound: dict[str, _Inbound] = {}  # migration id -> staged blocks
+        self.stall_s = 0.0  # fault injection: stages wait this long before copying
 
     # ---- common steps ----------------------------------------------------------------------------------
     async def reserve(self, fn):
@@ -109,6 +110,8 @@ class Receiver:
         if inbound.busy or stage.start != len(inbound.blocks):
             raise ValueError(f"migration {stage.migration_id}: stage at {stage.start}, {len(inbound.blocks)} staged")
         inbound.touched = time.monotonic()
+        if self.stall_s:
+            await asyncio.sleep(self.stall_s)
         have = list(inbound.blocks)
         new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
         inbound.blocks += new

@@ -101,6 +101,9 @@ class LocalClient:
                 # after the add even when the add is still queued. Fire and forget: abort cannot fail.
                 self.loop.submit(lambda e: e.abort(request_id))
 
+    async def migrate(self, request_id: str, target_worker: str | None) -> list[dict]:
+        raise ValueError("live migration moves requests between workers; this server runs one local engine")
+
     async def check_health(self) -> None:
         """Liveness: the engine thread runs (a broken engine stops it for good)."""
         if not self.loop.alive:

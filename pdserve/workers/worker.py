@@ -189,9 +189,13 @@ class Worker:
             self._on_fatal(error)
 
     def inject_fault(self, kind: str) -> None:
-        """For failure tests and chaos runs: `engine_step` makes the engine's next step raise."""
+        """For failure tests and chaos runs: `engine_step` makes the engine's next step raise;
+        `stall_migration` makes every migration stage arriving here wait 3 s before it copies."""
+        if kind == "stall_migration":
+            self.receiver.stall_s = 3.0
+            return
         if kind != "engine_step":
-            raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step']")
+            raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step', 'stall_migration']")
 
         def broken_step():
             raise RuntimeError("injected fault: engine step failed")

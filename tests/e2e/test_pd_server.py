@@ -1,7 +1,8 @@
 """The real P/D deployment behind the HTTP API, driven by the official `openai` client.
 
-Disaggregated (1 prefill + 1 decode, NIXL) == colocated == offline, token for token; 32 concurrent
-streams; cancellation and a killed decode worker leave no KV held anywhere.
+Disaggregated (1 prefill + 1 decode, over NIXL and over the collective transport) == colocated == offline,
+token for token; 32 concurrent streams; cancellation and a killed decode worker leave no KV held anywhere;
+an operator's POST /admin/migrate moves a stream live without the client noticing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class DeploymentServer:
         try:
             metrics = Metrics()
             self.deployment = await build(self.config, metrics)
-            app = create_app(self.deployment.client, metrics=metrics)
+            app = create_app(self.deployment.client, metrics=metrics, api_key=self.config.frontend.api_key)
             self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
             while not self.server.started and not task.done():
@@ -99,9 +100,13 @@ def engine(**kw):
     return EngineConfig(num_kv_blocks=256, **kw)
 
 
-@pytest.fixture(scope="module")
-def pd(ray_cluster):
-    with DeploymentServer(serve_config(engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 5})) as s:
+@pytest.fixture(scope="module", params=["nixl", "nccl"])
+def pd(ray_cluster, request):
+    """1 prefill + 1 decode worker over NIXL, and over the collective transport (Gloo on CPU)."""
+    cfg = serve_config(
+        engine=engine(), pools={"prefill": 1, "decode": 1}, worker={"lease_s": 5}, kv={"transport": request.param}
+    )
+    with DeploymentServer(cfg) as s:
         yield s
 
 
@@ -235,3 +240,36 @@ def test_killed_decode_worker_gives_a_clean_error(ray_cluster):
         assert seen[-1] != "data: [DONE]" or any('"error"' in x for x in seen)
         assert any('"error"' in x for x in seen)
         assert s.leaks() == []  # the prefill worker freed what it held for the dead decode worker
+
+
+def test_admin_migrate_moves_a_stream_live(ray_cluster):
+    cfg = serve_config(
+        engine=engine(), pools={"prefill": 1, "decode": 2}, frontend={"api_key": "sekret"},
+        migration={"rebalance": False},
+    )  # fmt: skip
+    prompt = "move me along " * 6
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    expected = LLM(num_kv_blocks=256).generate([prompt], params)[0].text
+    with DeploymentServer(cfg) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="sekret", max_retries=0, timeout=60)
+        stream = client.completions.create(
+            model="pdserve-demo", prompt=prompt, temperature=0, max_tokens=400, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        text, answer = "", None
+        for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            if answer is None and len(text) > 20:
+                url = f"{s.url}/admin/migrate"
+                assert httpx.post(url, json={"request_id": chunk.id}, timeout=30).status_code == 401
+                auth = {"Authorization": "Bearer sekret"}
+                bad = httpx.post(url, json={"request_id": chunk.id, "target_worker": "nope"}, headers=auth, timeout=30)
+                assert bad.status_code == 400 and bad.json()["error"]["param"] == "target_worker"
+                answer = httpx.post(url, json={"request_id": chunk.id}, headers=auth, timeout=60)
+        assert answer.status_code == 200, answer.text
+        [record] = answer.json()["data"]
+        assert record["outcome"] == "migrated" and record["source"] != record["target"], record
+        assert text == expected  # the client saw nothing but its tokens
+        missing = httpx.post(f"{s.url}/admin/migrate", json={"request_id": "cmpl-gone"}, headers=auth, timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+        assert s.leaks() == []

@@ -11,11 +11,15 @@ import logging
 import time
 import uuid
 
+import msgspec
+
 from pdserve.config import MigrationConfig
 from pdserve.handoff.sender import Sender, _release_held
 from pdserve.protocol import MigrationFinal, MigrationRecord, MigrationStage, TokenDelta
 
 log = logging.getLogger(__name__)
+
+MODES = ("multi_stage", "stop_and_copy", "recompute")
 
 
 class Migrator:
@@ -33,7 +37,13 @@ class Migrator:
             (self._abort_after.add if rid in self._finalizing else now.append)(rid)
         return now
 
-    async def migrate(self, request_id: str, target: str, target_handle, reason: str) -> MigrationRecord:
+    async def migrate(
+        self, request_id: str, target: str, target_handle, reason: str, mode: str = "multi_stage"
+    ) -> MigrationRecord:
+        """`mode`: multi_stage (live stages, then a short pause), stop_and_copy (pause, copy everything) or
+        recompute (pause, send no KV: the target recomputes it; what peers do, kept for comparison)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         rec = MigrationRecord(
             request_id=request_id, source=self.worker_id, target=target, reason=reason, outcome="failed"
         )
@@ -44,9 +54,9 @@ class Migrator:
         start = time.perf_counter()
         self._active.add(request_id)
         try:
-            sent = await self._stages(mid, request_id, target_handle, rec)
+            sent = await self._stages(mid, request_id, target_handle, rec) if mode == "multi_stage" else 0
             if sent is not None:
-                await self._final(mid, request_id, target, target_handle, sent, rec)
+                await self._final(mid, request_id, target, target_handle, sent, rec, mode == "recompute")
         except Exception as e:  # the target refused or died, or a transfer failed: carry on here
             rec.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             log.warning("migration of %s to %s failed: %s", request_id, target, rec.error)
@@ -87,7 +97,9 @@ class Migrator:
             sent += len(ids)
         return sent
 
-    async def _final(self, mid: str, rid: str, target: str, target_handle, sent: int, rec: MigrationRecord) -> None:
+    async def _final(
+        self, mid: str, rid: str, target: str, target_handle, sent: int, rec: MigrationRecord, recompute: bool
+    ) -> None:
         self._finalizing.add(rid)
         try:
             try:
@@ -96,6 +108,8 @@ class Migrator:
                 rec.outcome = "finished"
                 return
             paused_at = time.time()
+            if recompute:
+                record, blocks = msgspec.structs.replace(record, num_computed_tokens=0), []
             self.sender.allow(mid, blocks[sent:])
             final = MigrationFinal(
                 migration_id=mid, request=record, source=self.worker_id, start=sent, src_block_ids=blocks[sent:],

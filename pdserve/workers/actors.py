@@ -105,8 +105,8 @@ class _WorkerActor:
     async def migratable(self) -> list[tuple[str, int]]:
         return await self.w.migratable()
 
-    async def migrate(self, request_id: str, target: str, target_handle, reason: str = "operator"):
-        return await self.w.migrate(request_id, target, target_handle, reason)
+    async def migrate(self, request_id: str, target: str, target_handle, reason: str = "operator", mode="multi_stage"):
+        return await self.w.migrate(request_id, target, target_handle, reason, mode)
 
     async def migrate_drop(self, migration_id: str) -> None:
         await self.w.migrate_drop(migration_id)

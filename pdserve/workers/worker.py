@@ -340,9 +340,11 @@ class Worker:
     async def migratable(self) -> list[tuple[str, int]]:
         return await self.loop.call(lambda e: e.migratable())
 
-    async def migrate(self, request_id: str, target: str, target_handle, reason: str) -> MigrationRecord:
+    async def migrate(
+        self, request_id: str, target: str, target_handle, reason: str, mode: str = "multi_stage"
+    ) -> MigrationRecord:
         """Move a running request to `target` (source side); the record says how it went."""
-        return await self.migrator.migrate(request_id, target, target_handle, reason)
+        return await self.migrator.migrate(request_id, target, target_handle, reason, mode)
 
     async def migrate_stage(self, stage: MigrationStage, source_handle) -> StageResult:
         self._admit_check()
@@ -362,7 +364,8 @@ class Worker:
             raise
         self.num_requests_total += 1
         try:
-            result.first_token_at = await asyncio.wait_for(asyncio.shield(waiter), FIRST_TOKEN_WAIT_S)
+            wait = max(FIRST_TOKEN_WAIT_S, self.migration.stage_timeout_s / 2)  # a recompute takes a prefill
+            result.first_token_at = await asyncio.wait_for(asyncio.shield(waiter), wait)
         except asyncio.TimeoutError:
             self._first_token.pop(rid, None)
         return result

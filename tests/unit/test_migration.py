@@ -147,6 +147,7 @@ def test_migrated_stream_equals_an_undisturbed_run(kind, hops):
         assert len(moved) == hops
         for rec in records:
             assert len(rec.blocks_per_stage) >= 2, rec  # at least one live stage, then the final one
+            assert rec.num_bytes == sum(rec.blocks_per_stage) * a.layout.block_bytes
             assert rec.blocks_per_stage[-1] <= MigrationConfig().final_blocks + 1, rec
             assert rec.pause_s > 0
         await leak_free(a, b)
@@ -360,6 +361,32 @@ def test_text_held_back_for_a_stop_string_survives_the_move():
             assert (await a.migrate(rid, b.worker_id, hb, "operator")).outcome == "migrated"
             got = sorted(await collector, key=lambda d: (d.index, d.finished))
             assert "".join(d.text for d in got) == want
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["stop_and_copy", "recompute"])
+def test_the_baselines_also_keep_every_token(mode):
+    """The benchmark's alternatives: one paused copy of everything, and no copy (the target recomputes)."""
+
+    async def main():
+        ids = prompt(150)
+        expected = await reference(GREEDY, ids)
+        (a, ha), (b, hb) = pair()
+        try:
+            rid, admitted = start(a, ids, GREEDY)
+            await admitted
+            collector = asyncio.ensure_future(collect([a, b], rid))
+            await wait_tokens(a, rid, 5)
+            rec = await a.migrate(rid, b.worker_id, hb, "operator", mode)
+            assert rec.outcome == "migrated", rec
+            assert len(rec.blocks_per_stage) == 1  # the final stage only
+            assert (rec.blocks_per_stage[0] == 0) == (mode == "recompute")
+            assert tokens_of(await collector) == expected
+            await leak_free(a, b)
         finally:
             await a.shutdown()
             await b.shutdown()

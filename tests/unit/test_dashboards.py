@@ -54,6 +54,11 @@ SHOWN = (
     "pdserve_worker_deaths_total",
     "pdserve_request_retries_total",
     "pdserve_worker_prefill_tokens_queued",
+    "pdserve_migrations_total",
+    "pdserve_migration_pause_seconds",
+    "pdserve_migration_seconds",
+    "pdserve_migration_stages",
+    "pdserve_migration_bytes_total",
 )
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 

@@ -126,6 +126,7 @@ class Migrator:
                 raise
             rec.outcome = "migrated"
             rec.blocks_per_stage.append(result.num_copied)
+            rec.num_reused += result.num_reused
             if result.first_token_at:
                 rec.pause_s = max(0.0, result.first_token_at - paused_at)
             # the stream's next tokens come from the target: say so, after every token sent from here

@@ -136,23 +136,24 @@ class Receiver:
         if inbound.busy or final.start != len(inbound.blocks):
             await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
             raise ValueError(f"migration {final.migration_id}: final at {final.start}, {len(inbound.blocks)} staged")
+        have = inbound.blocks if final.start else None  # nothing staged: reuse our own prefix cache instead
         try:
-            reservation = await self.reserve(lambda e: e.import_request(final.request, have=inbound.blocks))
+            reservation = await self.reserve(lambda e: e.import_request(final.request, have=have))
         except BaseException:
             await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
             raise
-        n = len(inbound.blocks)
+        n = reservation.num_cached_blocks  # leading blocks that need no copy (staged, or cached here)
+        src = final.src_block_ids[n - final.start :]
         self._pulling.add(rid)
         try:
-            dst = reservation.block_ids[n:]
-            await self.pull(final.source, sender_handle, final.src_block_ids, dst, self.options.pull_timeout_s)
+            await self.pull(final.source, sender_handle, src, reservation.block_ids[n:], self.options.pull_timeout_s)
         except BaseException:
             self._pulling.discard(rid)
             self._abort_after_pull.discard(rid)
             await self._abort_local([rid])
             raise
         await self._finish(rid)
-        return StageResult(num_copied=len(final.src_block_ids), num_reused=0)
+        return StageResult(num_copied=len(src), num_reused=len(final.src_block_ids) - len(src))
 
     async def drop(self, migration_id: str) -> None:
         """The migration will not complete: give its staged blocks back (after a pull into them ends)."""

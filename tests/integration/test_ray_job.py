@@ -145,6 +145,9 @@ def test_ray_job_submit_detach_status_refuse_shutdown(head):
         again = submit(token, address, *serve)  # the same name twice: refused, the first keeps serving
         assert again.returncode != 0 and "already runs" in again.stdout + again.stderr, again.stdout[-2000:]
         assert complete(port)["usage"]["completion_tokens"] == 8
+        gone = run(token, str(BIN / "pdserve"), "migrate", "cmpl-nothing", "--address", gcs, "--name", "jobtest",
+                   timeout=120)  # fmt: skip
+        assert gone.returncode == 2 and "is not running on any decode" in gone.stderr, gone.stderr[-2000:]
     finally:
         down = run(token, str(BIN / "pdserve"), "shutdown", "--address", gcs, "--name", "jobtest", timeout=180)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]

@@ -392,3 +392,32 @@ def test_the_baselines_also_keep_every_token(mode):
             await b.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["multi_stage", "stop_and_copy"])
+def test_blocks_the_target_caches_are_not_copied(mode):
+    """There and back: the second move finds the request's earlier blocks in the first worker's prefix
+    cache (freed there, still cached) and copies only what was generated since."""
+
+    async def main():
+        ids = prompt(160)
+        expected = await reference(GREEDY, ids)
+        (a, ha), (b, hb) = pair()
+        try:
+            rid, admitted = start(a, ids, GREEDY)
+            await admitted
+            collector = asyncio.ensure_future(collect([a, b], rid))
+            await wait_tokens(a, rid, 3)
+            there = await a.migrate(rid, b.worker_id, hb, "operator", mode)
+            await wait_tokens(b, rid, 30)
+            back = await b.migrate(rid, a.worker_id, ha, "operator", mode)
+            assert there.outcome == back.outcome == "migrated"
+            assert there.num_reused == 0 and back.num_reused >= 160 // 16, (there, back)
+            assert sum(back.blocks_per_stage) <= sum(there.blocks_per_stage) - 160 // 16 + 3
+            assert tokens_of(await collector) == expected
+            await leak_free(a, b)
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())

@@ -156,6 +156,34 @@ class MigrationConfig(Section):
     drain_mode: Literal["migrate", "wait"] = Field("migrate", description="how a draining worker empties")
 
 
+class AutoscalingConfig(Section):
+    """Sizing the prefill and decode pools from Prometheus signals (observe -> decide -> actuate)."""
+
+    enabled: bool = Field(False, description="run the autoscaler in the controller")
+    prometheus_url: str | None = Field(None, description="Prometheus HTTP API; none: start a local prometheus")
+    interval_s: float = Field(10.0, gt=0, description="how often the autoscaler observes and decides")
+    min_prefill: int = Field(0, ge=0, description="fewest prefill-capable workers (colocated count too)")
+    max_prefill: int = Field(8, ge=0, description="most prefill workers")
+    min_decode: int = Field(1, ge=1, description="fewest decode-capable workers (colocated count too)")
+    max_decode: int = Field(8, ge=1, description="most decode workers")
+    decode_tokens_per_worker: float = Field(
+        200.0, gt=0, description="decode tokens/s one decode worker should carry (its capacity target)"
+    )
+    kv_usage_high: float = Field(0.8, gt=0, le=1, description="decode pool KV usage that asks for one more")
+    prefill_tokens_per_worker: float = Field(
+        4096.0, gt=0, description="queued prompt tokens one prefill worker may hold before another is added"
+    )
+    ttft_slo_s: float = Field(2.0, gt=0, description="time-to-first-token SLO")
+    tpot_slo_s: float = Field(0.1, gt=0, description="time-per-output-token SLO")
+    attainment_target: float = Field(0.9, gt=0, le=1, description="share of requests meeting an SLO")
+    pd_ratio_min: float = Field(0.0, ge=0, description="fewest prefill workers per decode worker")
+    pd_ratio_max: float = Field(4.0, gt=0, description="most prefill workers per decode worker")
+    scale_in_window_s: float = Field(60.0, ge=0, description="scale in only after demand stayed lower this long")
+    cooldown_s: float = Field(30.0, ge=0, description="no new action this long after one")
+    flip_roles: bool = Field(True, description="move a worker from a pool with slack to a short one")
+    action_timeout_s: float = Field(300.0, gt=0, description="an action not done by then is retried")
+
+
 class ServeConfig(BaseSettings):
     """A whole deployment. `name` names its controller and actors in Ray's `pdserve` namespace."""
 
@@ -174,6 +202,7 @@ class ServeConfig(BaseSettings):
     failure: FailureConfig = Field(default_factory=FailureConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -1,0 +1,114 @@
+"""The autoscaling policy, table by table: demand rules, min/max, the P:D ratio, scale-out at once and
+scale-in after the window, cooldown, role flips, holding without data, and which worker leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.autoscale.policy import PolicyState, RemovalCandidate, Signals, decide, demand, pick_removal
+from pdserve.config import AutoscalingConfig
+
+CFG = AutoscalingConfig(
+    decode_tokens_per_worker=100, prefill_tokens_per_worker=1000, min_prefill=1, max_prefill=4, min_decode=1,
+    max_decode=6, scale_in_window_s=60, cooldown_s=10, pd_ratio_min=0.25, pd_ratio_max=2.0,
+)  # fmt: skip
+
+
+def sig(p=1, d=1, c=0, tok=50.0, queued=0.0, kv=0.3, ttft=1.0, tpot=1.0) -> Signals:
+    return Signals(p, d, c, decode_tokens_per_s=tok, kv_usage=kv, prefill_tokens_queued=queued,
+                   ttft_attainment=ttft, tpot_attainment=tpot)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "s, want, why",
+    [
+        (sig(tok=50), {"prefill": 0, "decode": 1}, []),
+        (sig(tok=250), {"prefill": 0, "decode": 3}, []),  # ceil(250 / 100)
+        (sig(d=2, tok=50, kv=0.95), {"prefill": 0, "decode": 3}, ["kv_usage"]),  # one more than now
+        (sig(d=2, tok=50, tpot=0.5), {"prefill": 0, "decode": 3}, ["tpot_attainment"]),
+        (sig(queued=2500), {"prefill": 3, "decode": 1}, []),  # ceil(2500 / 1000)
+        (sig(p=2, queued=0, ttft=0.5), {"prefill": 3, "decode": 1}, ["ttft_attainment"]),
+        (sig(c=2, d=0, p=0, tok=50, kv=0.9), {"prefill": 0, "decode": 3}, ["kv_usage"]),  # colocated count
+    ],
+)
+def test_demand_rules(s, want, why):
+    assert demand(s, CFG) == (want, why)
+
+
+@pytest.mark.parametrize(
+    "s, action, targets",
+    [
+        (sig(tok=50), "hold", {"prefill": 1, "decode": 1, "colocated": 0}),
+        (sig(tok=450, queued=3500), "scale_out", {"prefill": 4, "decode": 5, "colocated": 0}),  # both, at once
+        (sig(tok=5000), "scale_out", {"prefill": 2, "decode": 6, "colocated": 0}),  # max_decode; ratio >= 0.25
+        (sig(queued=99000), "scale_out", {"prefill": 2, "decode": 1, "colocated": 0}),  # ratio <= 2 per decode
+        (sig(p=0, d=0, c=1, tok=450), "scale_out", {"prefill": 0, "decode": 0, "colocated": 5}),  # colocated pool
+        (sig(p=0, d=0, c=2, tok=50, queued=3500), "scale_out", {"prefill": 0, "decode": 0, "colocated": 4}),
+    ],
+)
+def test_first_decision(s, action, targets):
+    d = decide(s, PolicyState(), CFG, now=1000.0)
+    assert (d.action, d.targets) == (action, targets), d
+
+
+def test_scale_in_waits_for_the_window_then_goes_one_at_a_time_and_never_below_min():
+    state = PolicyState()
+    busy, idle = sig(d=4, p=2, tok=400, queued=1500), sig(d=4, p=2, tok=0, queued=0)
+    assert decide(busy, state, CFG, now=0).action == "hold"  # at target
+    for t in (15, 30, 45):  # demand fell, but not for a whole window yet (and the peak is in it)
+        assert decide(idle, state, CFG, now=t).action == "hold"
+    d = decide(idle, state, CFG, now=61)
+    assert d.action == "scale_in" and d.targets["decode"] == 3 and d.reason == "demand_fell", d
+    assert decide(sig(d=3, p=2, tok=0), state, CFG, now=65).reason == "cooldown"
+    sizes = {"p": 2, "d": 3}
+    for t in range(75, 400, 12):
+        d = decide(sig(d=sizes["d"], p=sizes["p"], tok=0, queued=0), state, CFG, now=t)
+        if d.action == "scale_in":
+            sizes = {"p": d.targets["prefill"], "d": d.targets["decode"]}
+        assert d.action in ("scale_in", "hold"), d
+    assert sizes == {"p": 1, "d": 1}  # min_prefill, min_decode
+
+
+def test_scale_out_ignores_the_window_but_respects_the_cooldown():
+    state = PolicyState()
+    assert decide(sig(tok=50), state, CFG, now=0).action == "hold"
+    first = decide(sig(tok=250), state, CFG, now=1)
+    assert first.action == "scale_out" and first.targets["decode"] == 3
+    assert decide(sig(d=3, tok=550), state, CFG, now=5).reason == "cooldown"
+    assert decide(sig(d=3, tok=550), state, CFG, now=12).targets["decode"] == 6
+
+
+def test_a_short_pool_takes_a_worker_from_a_pool_with_slack():
+    state = PolicyState()
+    for t in range(0, 70, 10):  # decode-heavy for a whole window: 3 decode, 3 prefill with little to do
+        decide(sig(p=3, d=3, tok=280, queued=0), state, CFG, now=t)
+    d = decide(sig(p=3, d=3, tok=390, queued=0), state, CFG, now=70)
+    assert d.action == "flip" and d.flip == ("prefill", "decode"), d
+    assert d.targets == {"prefill": 2, "decode": 4, "colocated": 0}
+    off = AutoscalingConfig(**{**CFG.model_dump(), "flip_roles": False})
+    state = PolicyState()
+    for t in range(0, 70, 10):
+        decide(sig(p=3, d=3, tok=280), state, off, now=t)
+    assert decide(sig(p=3, d=3, tok=390), state, off, now=70).action == "scale_out"
+
+
+@pytest.mark.parametrize("missing", ["everything", "unreachable"])
+def test_no_data_holds_the_current_sizes(missing):
+    state = PolicyState()
+    s = Signals(3, 4, 0)  # what observe() gives when Prometheus has no series (or is down: no signals at all)
+    for t in range(0, 500, 10):
+        d = decide(s, state, CFG, now=t)
+        assert (d.action, d.reason, d.targets) == ("hold", "no_data", {"prefill": 3, "decode": 4, "colocated": 0})
+
+
+@pytest.mark.parametrize(
+    "candidates, chosen",
+    [
+        ([RemovalCandidate("decode-1", 3, 0), RemovalCandidate("decode-2", 1, 500)], "decode-2"),  # fewest running
+        ([RemovalCandidate("decode-1", 2, 40), RemovalCandidate("decode-2", 2, 10)], "decode-2"),  # least unique
+        ([RemovalCandidate("decode-3", 0, 0), RemovalCandidate("decode-7", 0, 0)], "decode-7"),  # the newest
+        ([], None),
+    ],
+)
+def test_which_worker_leaves(candidates, chosen):
+    assert pick_removal(candidates) == chosen

@@ -3,14 +3,17 @@ recompute on the target (what Dynamo and SGLang do), side by side in one run, pe
 
 Run: `python bench/migration.py [--lengths 1024,4096,16384,32768] [--transport nixl]`.
 Model: `bench-llama-32k`, a random-weight Llama with 8 layers, 8 KV heads of 64 (hidden 512), float32:
-8 x 2 x 8 x 64 x 4 B = 32 KiB of KV per token (a 32k context holds 1 GiB of KV).
+8 x 2 x 8 x 64 x 4 B = 32 KiB of KV per token (a 32k context holds 1 GiB of KV). Prefix caching is off, so
+every move copies (or recomputes) the whole context (a target caching part of it copies less; see
+tests/unit/test_migration.py).
 Three colocated workers (Ray actors, KV over the chosen transport); this process polls their outboxes as
-a frontend does and stamps every token's arrival. Per length, one long request runs on W1 beside a short
-"other" request, and is moved (a) W1 -> W2 multi-stage, (b) W2 -> W1 stop-and-copy, (c) W1 -> W3
-recompute (W3 never saw it). The pause is the longest gap between two consecutive tokens of the long
-request around the switch, also in decode steps (its median gap before the move); total is the
-migration's own time; slowdown is the "other" request's median gap on the source while the live stages
-run (from the migration's start to the pause) over its median gap just before.
+a frontend does and stamps every token's arrival. Per length, one long request starts on W1, then a short
+"other" request on W2; the long one moves W1 -> W2 once to warm W2 up (unmeasured: a worker's first decode
+steps at a new context length allocate), then (a) W2 -> W1 multi-stage, (b) W1 -> W2 stop-and-copy,
+(c) W2 -> W3 recompute (W3 never saw it). The pause is the longest gap between two consecutive tokens of
+the long request around the switch, also in decode steps (its median gap before the move); total is the
+migration's own time; slowdown is the "other" request's median gap on its worker (the source of (a)) while
+the live stages run (from the migration's start to the pause) over its median gap just before.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ async def run(lengths: list[int], transport: str) -> list[dict]:
     )
     blocks = (longest + 1536) // 16
     cfg = ServeConfig(
-        name="bench-migration", engine={"model": str(model), "num_kv_blocks": blocks, "max_num_batched_tokens": 2048},
+        name="bench-migration", engine={"model": str(model), "num_kv_blocks": blocks, "max_num_batched_tokens": 2048,
+                "enable_prefix_caching": False},
         pools={"prefill": 0, "decode": 0, "colocated": 3}, kv={"transport": transport},
         migration={"rebalance": False, "stage_timeout_s": 1800}, controller={"metrics_port": 0},
     )  # fmt: skip
@@ -131,13 +135,19 @@ async def run(lengths: list[int], transport: str) -> list[dict]:
             left = longest + 2048 - length - 1
             params = SamplingParams(temperature=0, max_tokens=min(4000, left), ignore_eos=True)
             other = [rng.randrange(4, VOCAB) for _ in range(64)]
-            for rid, ids in ((long_rid, prompt), (other_rid, other)):
-                req = EngineRequest(request_id=rid, prompt_token_ids=ids, params=params, reply_to=CONSUMER)
-                await h[w1].generate.remote(req)
+            req = EngineRequest(request_id=long_rid, prompt_token_ids=prompt, params=params, reply_to=CONSUMER)
+            await h[w1].generate.remote(req)
             t = time.perf_counter()
             await arr.until(long_rid, 1)
             print(f"{length} tokens: prefilled in {time.perf_counter() - t:.1f} s", flush=True)
-            for source, target, mode in ((w1, w2, "multi_stage"), (w2, w1, "stop_and_copy"), (w1, w3, "recompute")):
+            # the other request starts once the long prompt is in, so it is still running at every move
+            req = EngineRequest(request_id=other_rid, prompt_token_ids=other, params=params, reply_to=CONSUMER)
+            await h[w2].generate.remote(req)
+            await arr.until(other_rid, 5)
+            # a first move warms W2 up at this context length (its first decode steps there allocate)
+            await measure(arr, long_rid, other_rid, h[w1], w2, h[w2], "multi_stage")
+            plan = ((w2, w1, "multi_stage"), (w1, w2, "stop_and_copy"), (w2, w3, "recompute"))
+            for source, target, mode in plan:
                 row = {"context": length, **await measure(arr, long_rid, other_rid, h[source], target, h[target], mode)}
                 print(row, flush=True)
                 rows.append(row)

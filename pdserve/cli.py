@@ -62,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config.engine.model is None:
         print(DEMO_NOTE, file=sys.stderr)
+    if args.autoscale:
+        config = config.model_copy(update={"autoscaling": config.autoscaling.model_copy(update={"enabled": True})})
     return serve(config, args.detach)
 
 
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="start a deployment (controller, workers, HTTP frontends) on Ray")
     srv.add_argument("--detach", action="store_true", help="leave it running in the Ray cluster and return")
+    srv.add_argument(
+        "--autoscale", action="store_true",
+        help="size the pools from Prometheus (autoscaling.enabled; with no --prometheus-url a local one is started)",
+    )  # fmt: skip
     add_config_flags(srv)
     srv.set_defaults(func=_serve)
 

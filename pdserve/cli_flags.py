@@ -40,6 +40,7 @@ ALIASES = {
     "--api-key": "frontend.api_key",
     "--served-model-name": "frontend.served_model_name",
     "--max-pending": "frontend.max_pending",
+    "--prometheus-url": "autoscaling.prometheus_url",
 }
 _DEST_PREFIX = "cfg:"
 

@@ -18,10 +18,43 @@ def serve(config, detach: bool) -> int:
 async def _serve(config, detach: bool) -> int:
     import os
 
-    from pdserve.controller.deploy import deploy
-
     if detach and not (config.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--detach needs a running Ray cluster to leave the service in: give --address auto")
+    prometheus = None
+    if config.autoscaling.enabled and not config.autoscaling.prometheus_url:
+        if detach:
+            raise ValueError(
+                "--autoscale with --detach needs --prometheus-url (a local one would die with this command)"
+            )
+        config, prometheus = _local_prometheus(config)
+    try:
+        return await _run(config, detach)
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+
+
+def _local_prometheus(config):
+    """Start a Prometheus scraping this deployment's frontends and controller; the config points at it."""
+    from pdserve.autoscale.local_prometheus import LocalPrometheus, _free_port
+
+    if not config.controller.metrics_port:  # Prometheus must know the port before the controller starts
+        config = config.model_copy(
+            update={"controller": config.controller.model_copy(update={"metrics_port": _free_port()})}
+        )
+    fe = config.frontend
+    targets = [f"127.0.0.1:{fe.port + i}" for i in range(fe.frontends)] + [
+        f"127.0.0.1:{config.controller.metrics_port}"
+    ]
+    prom = LocalPrometheus(targets).wait_ready()
+    print(f"pdserve: autoscaling from a local Prometheus on {prom.url} (scraping {', '.join(targets)})", flush=True)
+    auto = config.autoscaling.model_copy(update={"prometheus_url": prom.url})
+    return config.model_copy(update={"autoscaling": auto}), prom
+
+
+async def _run(config, detach: bool) -> int:
+    from pdserve.controller.deploy import deploy
+
     dep = await deploy(config, serve_http=True)
     status = await dep.status()
     _announce(config, status, detach)

@@ -259,6 +259,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     prefix_prompt_tokens_total: int = 0
     prefix_hit_tokens_total: int = 0
     num_requests_total: int = 0  # requests admitted (generate, prefill, or a KV import), cumulative
+    num_generated_tokens_total: int = 0  # tokens sampled here, cumulative (decode throughput's numerator)
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

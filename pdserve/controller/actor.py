@@ -44,6 +44,7 @@ class Controller:
         self._boot: asyncio.Future | None = None
         self._changed: asyncio.Event | None = None
         self.started_at = time.time()
+        self.autoscaler = None
 
     # ---- start-up and recovery ---------------------------------------------------------------------
     async def _ready(self) -> None:
@@ -65,6 +66,22 @@ class Controller:
         asyncio.ensure_future(self._monitor())
         if self.config.migration.rebalance:
             asyncio.ensure_future(self.lifecycle.migrations.rebalancer())
+        if self.config.autoscaling.enabled:
+            self._start_autoscaler()
+
+    def _start_autoscaler(self) -> None:
+        from pdserve.autoscale.actuate import Autoscaler
+        from pdserve.autoscale.observe import PrometheusObserver
+
+        url = self.config.autoscaling.prometheus_url
+        if not url:
+            log.error("autoscaling.enabled needs autoscaling.prometheus_url (pdserve serve --autoscale starts one)")
+            return
+        observer = PrometheusObserver(url, self.config.autoscaling)
+        self.autoscaler = Autoscaler(
+            self.config, self.registry, self.router, self.lifecycle, self.metrics, observer, self.serve_http
+        )
+        asyncio.ensure_future(self.autoscaler.run())
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -195,6 +212,11 @@ class Controller:
     async def record_migration(self, record: MigrationRecord) -> None:
         await self._ready()
         self.lifecycle.migrations.record(record)
+
+    async def autoscaler_decisions(self) -> list[dict]:
+        """The autoscaler's latest decisions with their inputs, oldest first (empty when it is off)."""
+        await self._ready()
+        return [] if self.autoscaler is None else list(self.autoscaler.decisions)
 
     async def migrations(self) -> list[MigrationRecord]:
         """The latest migrations' records, oldest first."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pdserve.config import ROLES
@@ -37,6 +37,11 @@ class _RegistryCollector:
             "Prompt tokens by the worker that prefilled them (denominator of its prefix hit rate)",
             labels=["worker"],
         )
+        generated = CounterMetricFamily(
+            "pdserve_worker_generated_tokens",
+            "Tokens sampled on a worker (its decode throughput, as a rate)",
+            labels=labels,
+        )
         hit = CounterMetricFamily(
             "pdserve_prefix_cache_hit_tokens",
             "Prompt tokens served from that worker's prefix cache (numerator of its prefix hit rate)",
@@ -56,11 +61,12 @@ class _RegistryCollector:
             queued.add_metric([rec.worker_id, rec.role], s.num_prefill_tokens_queued)
             prompt.add_metric([rec.worker_id], s.prefix_prompt_tokens_total)
             hit.add_metric([rec.worker_id], s.prefix_hit_tokens_total)
+            generated.add_metric([rec.worker_id, rec.role], s.num_generated_tokens_total)
         for (role, state), n in counts.items():
             pools.add_metric([role, state], n)
         for role, n in reg.targets.items():
             target.add_metric([role], n)
-        yield from (running, waiting, usage, queued, prompt, hit, pools, target)
+        yield from (running, waiting, usage, queued, prompt, hit, generated, pools, target)
 
 
 class ControllerMetrics:
@@ -117,6 +123,19 @@ class ControllerMetrics:
             "pdserve_migration_seconds",
             "From the first stage to the target's confirmation, per completed migration",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+
+        self.autoscaler_desired = Gauge(
+            "pdserve_autoscaler_desired_workers",
+            "Workers each pool needs by the autoscaler's last observation (its demand, before hysteresis)",
+            ["role"],
+            registry=r,
+        )
+        self.autoscaler_decisions = Counter(
+            "pdserve_autoscaler_decisions_total",
+            "Autoscaler decisions by action (hold, scale_out, scale_in, flip) and reason",
+            ["action", "reason"],
             registry=r,
         )
 

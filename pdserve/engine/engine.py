@@ -44,6 +44,7 @@ class LLMEngine(HandoffMixin):
         self.eos_token_ids = info.eos_token_ids
         self.num_computed_tokens_total = 0
         self.num_preemptions_total = 0
+        self.num_generated_tokens_total = 0
         self.parked_ids: list[str] = []  # parked under memory pressure since the worker last took them
 
     @property
@@ -119,6 +120,7 @@ class LLMEngine(HandoffMixin):
         return compute_logprobs(logits, token_ids, [r.params.logprobs or 0 for r in reqs])
 
     def _postprocess(self, req: Request, token: int, logprob) -> TokenDelta:
+        self.num_generated_tokens_total += 1
         first = req.first_token_time is None
         if first:
             req.first_token_time = time.monotonic()
@@ -206,6 +208,7 @@ class LLMEngine(HandoffMixin):
             "num_blocks": self.blocks.num_blocks,
             "kv_usage": self.blocks.usage,
             "num_prefill_tokens_queued": queued,
+            "num_generated_tokens_total": self.num_generated_tokens_total,
         }
 
     def _prefill_left(self, req: Request) -> int:

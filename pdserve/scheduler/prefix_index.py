@@ -192,6 +192,12 @@ class PrefixIndex:
                 hi = mid - 1
         return lo
 
+    def unique_blocks(self, worker_id: str) -> int:
+        """Blocks only this worker holds (what its removal would lose from the fleet's cache); a full scan,
+        for the rare scale-in decision."""
+        bit = self._bit.get(worker_id)
+        return 0 if bit is None else sum(1 for m in self._holders.values() if m == bit)
+
     def num_blocks(self, worker_id: str) -> int:
         return self._count.get(worker_id, 0)
 

@@ -13,6 +13,7 @@ RULES = {
     "kv": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.scheduler"},
     "scheduler": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
     "api": {"torch", "ray", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.scheduler", "pdserve.cluster"},
+    "autoscale": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
     "handoff": {
         "fastapi",
         "starlette",

@@ -1,0 +1,108 @@
+"""Actuate: the autoscaler's loop inside the controller. Every `interval_s` it observes (Prometheus), decides
+(the pure policy) and acts through the controller's lifecycle: scale out by raising targets (a worker that
+finds no resources waits, and Ray's or KubeRay's autoscaler adds a node), scale in by draining the worker
+whose removal loses the least (its requests migrate away), flip by draining a worker and starting one of the
+other role in its place. Every decision is logged with its inputs and exported; a failed action is retried
+with backoff and never takes a pool below its minimum (the policy's targets already respect it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pdserve.autoscale.policy import Decision, PolicyState, RemovalCandidate, decide, pick_removal
+from pdserve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+
+
+class Autoscaler:
+    def __init__(self, config: ServeConfig, registry, router, lifecycle, metrics, observer, serve_http=True) -> None:
+        self.serve_http = serve_http
+        self.config, self.cfg = config, config.autoscaling
+        self.registry, self.router, self.lifecycle, self.metrics = registry, router, lifecycle, metrics
+        self.observer = observer
+        self.state = PolicyState()
+        self.decisions: list[dict] = []  # the latest, for status and tests
+        self._failures = 0
+        self._not_before = 0.0
+
+    def sizes(self) -> dict[str, int]:
+        """Ready workers per role: what serves now (starting and draining ones do not count)."""
+        out = {"prefill": 0, "decode": 0, "colocated": 0}
+        for rec in self.registry.workers.values():
+            if rec.state == "ready":
+                out[rec.role] += 1
+        return out
+
+    def settled(self) -> bool:
+        """No worker starting or draining, and targets met: the last action has taken effect."""
+        busy = any(r.state in ("starting", "draining") for r in self.registry.workers.values())
+        return not busy and self.sizes() == self.registry.targets
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.interval_s)
+            try:
+                await self.step(time.monotonic())
+            except Exception:  # the loop must survive anything one pass does
+                log.exception("autoscaler pass failed")
+
+    async def step(self, now: float) -> Decision | None:
+        if now < self._not_before or not self.settled():
+            return None  # backing off after a failure, or the last action is still taking effect
+        sizes = self.sizes()
+        signals = await self.observer.observe(sizes)
+        decision = decide(signals, self.state, self.cfg, now)
+        for role, n in decision.desired.items():
+            self.metrics.autoscaler_desired.labels(role).set(n)
+        self.metrics.autoscaler_decisions.labels(decision.action, decision.reason).inc()
+        record = {"time": time.time(), "action": decision.action, "reason": decision.reason,
+                  "targets": decision.targets, "desired": decision.desired, "signals": signals.__dict__,
+                  "error": self.observer.last_error}  # fmt: skip
+        self.decisions = [*self.decisions[-99:], record]
+        if decision.action == "hold":
+            log.debug("autoscaler holds (%s): %s", decision.reason, signals)
+            return decision
+        log.info("autoscaler: %s (%s) -> %s; signals %s", decision.action, decision.reason, decision.targets, signals)
+        try:
+            await self.act(decision)
+            self._failures = 0
+        except Exception as e:
+            delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
+            self._failures += 1
+            self._not_before = time.monotonic() + delay
+            self.state.last_action_at = float("-inf")  # the next pass may try again
+            log.warning("autoscaler action %s failed (%r); retrying in %.0f s", decision.action, e, delay)
+        return decision
+
+    async def act(self, d: Decision) -> None:
+        if d.action == "scale_out":
+            self.registry.set_targets(**d.targets)
+            self.lifecycle.publish_targets()
+            self.lifecycle.reconcile(self.serve_http)
+        elif d.action == "scale_in":
+            role = next(r for r in d.targets if d.targets[r] < self.registry.targets[r])
+            await self.lifecycle.remove(self._leaver(role))  # drains by migration; the target drops by one
+        elif d.action == "flip":
+            frm, to = d.flip
+            await self.lifecycle.remove(self._leaver(frm))  # its GPU is free once it has drained and stopped
+            self.registry.set_targets(**{to: self.registry.targets[to] + 1})
+            self.lifecycle.publish_targets()
+            self.lifecycle.reconcile(self.serve_http)
+
+    def _leaver(self, role: str) -> str:
+        candidates = [
+            RemovalCandidate(
+                r.worker_id, getattr(r.stats, "num_running", 0), self.router.index.unique_blocks(r.worker_id)
+            )
+            for r in self.registry.workers.values()
+            if r.role == role and r.state == "ready"
+        ]
+        chosen = pick_removal(candidates)
+        if chosen is None:
+            raise RuntimeError(f"no ready {role} worker to remove")
+        return chosen

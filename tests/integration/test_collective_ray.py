@@ -106,3 +106,20 @@ def test_pull_from_a_dead_sender_fails_fast(prefix):
         ray.get(receiver.pull.remote(name, [2, 3], [2, 3], 2, 8.0))
     assert time.monotonic() - start < 4.0  # FAILED from the transport, not the timeout
     ray.get(receiver.close.remote())
+
+
+def test_concurrent_pulls_started_in_opposite_orders():
+    """Two transfers at once between the same pair, serves and pulls posted in opposite orders (a handshake
+    waiting for one must not hold up the other's)."""
+    sender, receiver = connected_pair("e")
+    before = ray.get(receiver.checksums.remote())
+    jobs = {21: ([1, 2, 3], [10, 11, 12]), 22: ([40], [41]), 23: ([7, 8], [5, 6])}
+    refs = [sender.serve.remote("e-receiver", src, key) for key, (src, _) in jobs.items()]
+    refs += [receiver.pull.remote("e-sender", src, dst, key) for key, (src, dst) in reversed(jobs.items())]
+    start = time.monotonic()
+    ray.get(refs)
+    assert time.monotonic() - start < 4.0  # no handshake sat out its 5 s timeout
+    theirs, ours = ray.get([sender.checksums.remote(), receiver.checksums.remote()])
+    moved = {d: s for src, dst in jobs.values() for s, d in zip(src, dst)}
+    assert ours == [theirs[moved[i]] if i in moved else before[i] for i in range(NUM_BLOCKS)]
+    ray.get([receiver.close.remote(), sender.close.remote()])

@@ -1,15 +1,18 @@
-"""KV transports without Ray: the local oracle and NIXL between two agents in one process move the right blocks."""
+"""KV transports without Ray: the local oracle, NIXL and the collective (Gloo here) between two endpoints in one
+process move the right blocks."""
 
 import asyncio
 import itertools
 import resource
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 from pdserve.kv import KVTransferError, KVTransport, TransferState, make_transport
+from pdserve.kv.transports import collective
 from pdserve.protocol import KVLayout, PeerInfo
 
 SHAPE = (4, 2, 16, 2, 32)  # num_layers, K/V, block_size, num_kv_heads, head_dim
@@ -31,7 +34,7 @@ def transport(kind: str, num_blocks: int, seed: int, **options) -> KVTransport:
     return make_transport(kind, f"{kind}-{next(_names)}", cache(num_blocks, seed), layout(num_blocks), **options)
 
 
-@pytest.fixture(params=["local", "nixl"])
+@pytest.fixture(params=["local", "nixl", "nccl"])
 def kind(request):
     if request.param == "nixl":
         pytest.importorskip("nixl")
@@ -43,6 +46,8 @@ def pair(kind):
     """(sender, receiver) of one kind, receiver connected to sender; closed afterwards."""
     sender, receiver = transport(kind, 40, seed=1), transport(kind, 24, seed=2)
     receiver.add_peer(sender.peer_info())
+    if sender.two_sided:
+        sender.add_peer(receiver.peer_info())
     yield sender, receiver
     receiver.close()
     sender.close()
@@ -52,6 +57,29 @@ def wait(t: KVTransport, handle: int) -> TransferState:
     while (state := t.poll(handle)) is TransferState.PENDING:
         pass
     return state
+
+
+def transfer(sender, receiver, src, dst, key: int = 0) -> TransferState:
+    """Start the sender's step (None for a one-sided kind) and the receiver's pull; poll both to the end."""
+    served = sender.start_serve(receiver.name, src, key)
+    handle = receiver.start_pull(sender.name, src, dst, key)
+    state = wait(receiver, handle)
+    if served is not None:
+        assert wait(sender, served) is TransferState.DONE, sender.error(served)
+        sender.release(served)
+    assert receiver.poll(handle) is state  # stays put until released
+    receiver.release(handle)
+    receiver.release(handle)
+    with pytest.raises(KeyError):
+        receiver.poll(handle)
+    return state
+
+
+async def pull_and_serve(sender, receiver, src, dst, key: int = 0, timeout_s: float = 5.0) -> None:
+    await asyncio.gather(
+        receiver.pull(sender.name, src, dst, timeout_s=timeout_s, key=key),
+        sender.serve(receiver.name, src, key, timeout_s=timeout_s),
+    )
 
 
 def assert_moved(sender, receiver, before, src, dst):
@@ -65,21 +93,15 @@ def test_start_pull_moves_exactly_the_listed_blocks(pair):
     sender, receiver = pair
     before = receiver.kv_cache.clone()
     src, dst = [3, 17, 18, 19, 39, 0], [5, 0, 1, 2, 23, 11]  # a run of three, out-of-order, both ends
-    handle = receiver.start_pull(sender.name, src, dst)
-    assert wait(receiver, handle) is TransferState.DONE
-    assert receiver.poll(handle) is TransferState.DONE  # stays DONE until released
-    receiver.release(handle)
-    receiver.release(handle)
+    assert transfer(sender, receiver, src, dst) is TransferState.DONE
     assert_moved(sender, receiver, before, src, dst)
-    with pytest.raises(KeyError):
-        receiver.poll(handle)
 
 
 def test_pull_from_an_event_loop(pair):
     sender, receiver = pair
     before = receiver.kv_cache.clone()
     src, dst = [30, 2, 9], [4, 20, 7]
-    asyncio.run(receiver.pull(sender.name, src, dst, timeout_s=5.0))
+    asyncio.run(pull_and_serve(sender, receiver, src, dst))
     assert_moved(sender, receiver, before, src, dst)
 
 
@@ -109,7 +131,7 @@ def test_unknown_peer_and_bad_ids(pair):
 def test_add_peer_is_idempotent(pair):
     sender, receiver = pair
     receiver.add_peer(sender.peer_info())
-    asyncio.run(receiver.pull(sender.name, [1], [1], timeout_s=5.0))
+    asyncio.run(pull_and_serve(sender, receiver, [1], [1]))
     assert torch.equal(receiver.kv_cache[1], sender.kv_cache[1])
 
 
@@ -154,8 +176,8 @@ def test_cache_must_match_layout():
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match="unknown KV transport 'nccl'.*'local', 'nixl'"):
-        make_transport("nccl", "x", cache(2, 0), layout(2))
+    with pytest.raises(ValueError, match="unknown KV transport 'pigeon'.*'local', 'nccl', 'nixl'"):
+        make_transport("pigeon", "x", cache(2, 0), layout(2))
 
 
 def test_nixl_missing_is_a_clear_error(monkeypatch):
@@ -238,7 +260,7 @@ class _Stuck(KVTransport):
     def remove_peer(self, name):
         pass
 
-    def start_pull(self, peer, src_block_ids, dst_block_ids):
+    def start_pull(self, peer, src_block_ids, dst_block_ids, key=0):
         return 7
 
     def poll(self, handle):
@@ -286,6 +308,170 @@ def test_nixl_agents_do_not_spin_when_idle():
         after = resource.getrusage(resource.RUSAGE_SELF)
         busy = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         assert busy < 0.1, f"{busy:.2f} s of CPU in 0.5 s idle"
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def collective_pair(num_blocks: int = 16, **options):
+    sender, receiver = (
+        transport("nccl", num_blocks, seed=11, **options),
+        transport("nccl", num_blocks, seed=12, **options),
+    )
+    receiver.add_peer(sender.peer_info())
+    sender.add_peer(receiver.peer_info())
+    return sender, receiver
+
+
+def test_collective_concurrent_keys_do_not_mix():
+    threads = threading.active_count()
+    sender, receiver = collective_pair()
+    try:
+        before = receiver.kv_cache.clone()
+        serves = [sender.start_serve(receiver.name, [1, 2, 3], 7), sender.start_serve(receiver.name, [9, 4], 8)]
+        pulls = [
+            receiver.start_pull(sender.name, [9, 4], [0, 5], 8),
+            receiver.start_pull(sender.name, [1, 2, 3], [8, 6, 7], 7),
+        ]
+        for t, handles in ((receiver, pulls), (sender, serves)):
+            for h in handles:
+                assert wait(t, h) is TransferState.DONE, t.error(h)
+                t.release(h)
+        assert_moved(sender, receiver, before, [9, 4, 1, 2, 3], [0, 5, 8, 6, 7])
+    finally:
+        receiver.close()
+        sender.close()
+        receiver.close()
+    assert threading.active_count() == threads  # no pool, cancel or watcher thread outlives close
+
+
+class _TagBlind:
+    """A Gloo group that ignores data tags the way NCCL does (ops match in posting order) and logs, in order, when
+    each data op is posted and when its wait returns."""
+
+    def __init__(self, pg, log: list):
+        self.pg, self.log = pg, log
+
+    def send(self, tensors, rank, tag):
+        return self._op(self.pg.send, tensors, rank, tag)
+
+    def recv(self, tensors, rank, tag):
+        return self._op(self.pg.recv, tensors, rank, tag)
+
+    def _op(self, post, tensors, rank, tag):
+        if tag < collective._FIRST_TAG:  # the watcher's sentinel and the abort keep their tags
+            return post(tensors, rank, tag)
+        self.log.append(("post", tag))
+        work = post(tensors, rank, collective._FIRST_TAG)
+        log = self.log
+
+        class Work:
+            def wait(self, timeout):
+                work.wait(timeout)
+                log.append(("done", tag))
+
+        return Work()
+
+
+def test_collective_serialized_mode_keeps_concurrent_transfers_apart(monkeypatch):
+    """`serialize=True` (NCCL's default) over a tag-blind Gloo group: transfers of different sizes started in
+    opposite orders on the two ends land right, each end running one data op at a time, in the same order."""
+    logs = {0: [], 1: []}
+    gloo = collective.dist.ProcessGroupGloo
+    monkeypatch.setattr(
+        collective.dist,
+        "ProcessGroupGloo",
+        lambda store, rank, size, t: _TagBlind(gloo(store, rank, size, t), logs[rank]),
+    )
+    sender, receiver = collective_pair(32, serialize=True)
+    try:
+        before = receiver.kv_cache.clone()
+        jobs = [([1, 2, 3], [8, 6, 7]), ([9, 4], [0, 5]), ([20], [21]), ([11, 12, 13, 14], [1, 2, 3, 4]), ([31], [9])]
+        serves = [sender.start_serve(receiver.name, src, key) for key, (src, _) in enumerate(jobs)]
+        pulls = [receiver.start_pull(sender.name, src, dst, key) for key, (src, dst) in reversed(list(enumerate(jobs)))]
+        for t, handles in ((receiver, pulls), (sender, serves)):
+            for h in handles:
+                assert wait(t, h) is TransferState.DONE, t.error(h)
+                t.release(h)
+        assert_moved(sender, receiver, before, *(sum(side, []) for side in zip(*jobs)))
+    finally:
+        receiver.close()
+        sender.close()
+    for log in logs.values():
+        tags = [tag for _, tag in log[::2]]
+        assert log == [(event, tag) for tag in tags for event in ("post", "done")]  # one op at a time
+        assert tags == sorted(tags) and len(set(tags)) == len(jobs)
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("serve_first", [True, False])
+def test_collective_either_side_may_start_first(serve_first):
+    sender, receiver = collective_pair()
+    try:
+        before = receiver.kv_cache.clone()
+        for key, (src, dst) in enumerate([([3], [4]), ([5, 6], [1, 0])]):  # the second reuses the pair's group
+            if serve_first:
+                served = sender.start_serve(receiver.name, src, key)
+                time.sleep(0.05)
+                pulled = receiver.start_pull(sender.name, src, dst, key)
+            else:
+                pulled = receiver.start_pull(sender.name, src, dst, key)
+                time.sleep(0.05)
+                served = sender.start_serve(receiver.name, src, key)
+            assert wait(receiver, pulled) is TransferState.DONE, receiver.error(pulled)
+            assert wait(sender, served) is TransferState.DONE, sender.error(served)
+            receiver.release(pulled)
+            sender.release(served)
+        assert_moved(sender, receiver, before, [3, 5, 6], [4, 1, 0])
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_collective_pull_without_a_serve_times_out_and_leaves_dst_alone():
+    sender, receiver = collective_pair()
+    try:
+        before = receiver.kv_cache.clone()
+        start = time.monotonic()
+        with pytest.raises(KVTransferError, match="timed out after 0.2 s"):
+            asyncio.run(receiver.pull(sender.name, [1], [2], timeout_s=0.2, key=5))
+        assert time.monotonic() - start < 2.0
+        assert not receiver._transfers  # released
+        served = sender.start_serve(receiver.name, [1], 5)  # a late serve meets the cancelled pull, not a hang
+        assert wait(sender, served) is TransferState.FAILED
+        sender.release(served)
+        asyncio.run(pull_and_serve(sender, receiver, [3], [3], key=6))  # the pair still works
+        assert torch.equal(receiver.kv_cache[2], before[2])
+        assert torch.equal(receiver.kv_cache[3], sender.kv_cache[3])
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_collective_remove_fails_pending_and_re_adding_reconnects():
+    sender, receiver = collective_pair()
+    try:
+        asyncio.run(pull_and_serve(sender, receiver, [0], [0], key=1))
+        handle = receiver.start_pull(sender.name, [1], [1], 2)
+        receiver.remove_peer(sender.name)
+        assert receiver.poll(handle) is TransferState.FAILED
+        assert "removed" in receiver.error(handle)
+        receiver.release(handle)
+        receiver.add_peer(sender.peer_info())
+        asyncio.run(pull_and_serve(sender, receiver, [4], [5], key=3))  # a fresh group at a new generation
+        assert torch.equal(receiver.kv_cache[5], sender.kv_cache[4])
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_collective_serve_to_an_unknown_peer():
+    sender, receiver = collective_pair()
+    try:
+        with pytest.raises(KVTransferError, match="unknown peer"):
+            sender.start_serve("nobody", [0], 1)
+        with pytest.raises(ValueError, match="source block ids"):
+            sender.start_serve(receiver.name, [99], 1)
     finally:
         receiver.close()
         sender.close()

@@ -1,17 +1,21 @@
 """Collective KV transport: send/recv over a torch.distributed process group per pair of peers (Gloo on CPU
 caches, NCCL on CUDA), formed lazily at the pair's first transfer. Ray's collective groups are declared over
 a fixed actor list by the driver; pairs formed on demand let workers that join later take part.
+
+A TCPStore client runs one call at a time on its socket, and `wait`/`get` hold it until the key appears. So
+no blocking call shares a connection with the handshakes: each pair has its own client (not rank 0's master
+object, which serves every pair), and each first arrival waits on a spare connection of the pair's.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import count
@@ -22,9 +26,7 @@ import torch.distributed as dist
 from pdserve.kv.transport import KVTransferError, KVTransport, TransferState, check_block_ids, check_peer
 from pdserve.protocol import KVLayout, PeerInfo
 
-log = logging.getLogger(__name__)
-
-_SENTINEL_TAG, _ABORT_TAG, _FIRST_TAG = 0, 1, 16  # data tags come from a per-group counter, never a key
+_SENTINEL_TAG, _ABORT_TAG, _FIRST_TAG = 0, 1, 16  # data tags come from the pair's sequence, never a key
 _LONG = timedelta(days=30)  # a Gloo wait that times out closes the pair, so waits on committed ops are long
 
 
@@ -33,11 +35,20 @@ class _Group:
     """One process group between us and a peer: rank 0 is the smaller name and hosts the store."""
 
     pg: object
-    store: object  # the pair's store, prefixed with the generation
+    store: object  # the pair's store, prefixed with the generation: quick calls only, never a blocking wait
     peer_rank: int
+    address: tuple[str, int, str]  # host, port and prefix of that store, to open more connections to it
+    spare: list = field(default_factory=list)  # idle connections for handshake waits
     pending: set = field(default_factory=set)  # transfers past connect, to wake if the group dies
     dead: str | None = None
     watcher: threading.Thread | None = None
+    turn: int = 1  # serialized mode: the sequence number whose data op runs next
+    turns: threading.Condition = field(default_factory=threading.Condition)
+
+    def kill(self, reason: str) -> None:
+        with self.turns:
+            self.dead = self.dead or reason
+            self.turns.notify_all()
 
 
 @dataclass(eq=False)
@@ -48,7 +59,7 @@ class _Peer:
     pair: str  # names and incarnations of both ends: a replaced peer gets a fresh namespace
     lock: threading.Lock = field(default_factory=threading.Lock)
     group: _Group | None = None
-    client: object | None = None  # our connection to rank 0's store, when that is the peer's
+    client: object | None = None  # our connection to rank 0's store (the peer's or ours) for this pair
     removed: bool = False
 
 
@@ -71,16 +82,19 @@ class CollectiveTransport(KVTransport):
     send or recv is posted only once both ends are committed and no Gloo wait is ever left orphaned.
 
     Options: `timeout_s` bounds the pair's rendezvous and a handshake's wait for the other end;
-    `max_inflight` is the number of worker threads (each pending transfer holds one while it waits).
+    `max_inflight` is the number of worker threads (each pending transfer holds one while it waits);
+    `serialize` runs a pair's transfers one at a time in the order of their sequence numbers, which both ends
+    share: on by default for NCCL, which ignores send/recv tags (concurrent ops would match in posting order).
     """
 
     kind = "nccl"
     two_sided = True
 
-    def __init__(self, name: str, kv_cache, layout: KVLayout, *, timeout_s: float = 10.0, max_inflight: int = 8):
+    def __init__(self, name: str, kv_cache, layout: KVLayout, *, timeout_s=10.0, max_inflight=8, serialize=None):
         super().__init__(name, kv_cache, layout)
         self._timeout = timedelta(seconds=timeout_s)
         self._cuda = kv_cache.device.type == "cuda"
+        self._serialize = self._cuda if serialize is None else serialize
         self._blocks = kv_cache.view(layout.num_blocks, -1).view(torch.uint8)
         self._host = _node_ip()
         self._store = dist.TCPStore(self._host, 0, is_master=True, wait_for_workers=False, timeout=self._timeout)
@@ -182,18 +196,23 @@ class CollectiveTransport(KVTransport):
     def _run(self, t: _Transfer) -> None:
         try:
             group = t.group = self._connect(t.peer)
-            payload = None if t.dst is not None else self._gather(t)
+            if t.dst is None:  # a serve: copy its blocks out before the handshake
+                with t.lock:
+                    payload = self._blocks.index_select(0, torch.tensor(t.src, device=self._blocks.device)).view(-1)
+                self._sync()
             if t.released:
                 return
             group.pending.add(t)
-            tag = self._handshake(group, t)
-            if tag is None:
+            seq = self._handshake(group, t)
+            if seq is None:
                 raise KVTransferError(group.dead or "cancelled by the other end or timed out waiting for it")
-            if t.dst is None:
-                group.pg.send([payload], group.peer_rank, tag).wait(_LONG)
-                self._sync()
-            else:
-                self._recv(group, t, tag)
+            tag = _FIRST_TAG + seq % (2**31 - _FIRST_TAG)
+            with self._turn(group, seq):
+                if t.dst is None:
+                    group.pg.send([payload], group.peer_rank, tag).wait(_LONG)
+                    self._sync()
+                else:
+                    self._recv(group, t, tag)
             with t.lock:
                 if t.state is TransferState.PENDING:
                     t.state = TransferState.DONE
@@ -206,40 +225,63 @@ class CollectiveTransport(KVTransport):
             if t.group is not None:
                 t.group.pending.discard(t)
 
-    def _gather(self, t: _Transfer) -> torch.Tensor:
-        idx = torch.tensor(t.src, device=self._blocks.device)
-        with t.lock:
-            payload = self._blocks.index_select(0, idx).view(-1)
-        self._sync()
-        return payload
-
     def _recv(self, group: _Group, t: _Transfer, tag: int) -> None:
         staging = torch.empty((len(t.src), self.layout.block_bytes), dtype=torch.uint8, device=self._blocks.device)
         group.pg.recv([staging.view(-1)], group.peer_rank, tag).wait(_LONG)
         self._sync()
-        group.store.delete_key(f"{t.base}/n")
-        group.store.delete_key(f"{t.base}/s")
+        for suffix in "nsq":
+            group.store.delete_key(f"{t.base}/{suffix}")
         with t.lock:  # release() takes this lock, so dst is never written after it returns
             if not t.released:
                 self._blocks.index_copy_(0, torch.tensor(t.dst, device=self._blocks.device), staging)
                 self._sync()
 
     def _handshake(self, group: _Group, t: _Transfer) -> int | None:
-        """Both ends post their op only after the second arrival CAS-es "go:<tag>"; None when cancelled."""
-        store, keys = group.store, (f"{t.base}/n", f"{t.base}/s")
-        if store.add(keys[0], 1) == 1:
+        """The transfer's sequence number in the pair once both ends are committed; None if either cancelled.
+
+        The first arrival waits (on a connection of its own) for the second to CAS "go", or for a cancel to
+        CAS "cancelled". Only the winner of "go" takes a number and publishes it, so every number taken
+        belongs to a transfer that both ends run, and the sequence has no holes.
+        """
+        store, n, s, q = group.store, f"{t.base}/n", f"{t.base}/s", f"{t.base}/q"
+        if store.add(n, 1) > 1:
+            if store.compare_set(s, "", "cancelled" if t.released else "go") != b"go":
+                return None
+            seq = store.add("seq", 1)
+            store.set(q, str(seq))
+            return seq
+        try:
+            conn = group.spare.pop()
+        except IndexError:
+            host, port, prefix = group.address
+            conn = dist.PrefixStore(prefix, self._dial(host, port))
+        try:
             try:
-                store.wait([keys[1]], self._timeout)
+                conn.wait([s], self._timeout)
             except Exception:  # timed out: cancel below unless the other end said go meanwhile
                 pass
-            state = store.compare_set(keys[1], "", "cancelled")
-        elif t.released:
-            state = store.compare_set(keys[1], "", "cancelled")
-        else:
-            tag = _FIRST_TAG + store.add("tags", 1) % (2**31 - _FIRST_TAG)
-            state = store.compare_set(keys[1], "", f"go:{tag}")
-        state = state.decode()
-        return int(state[3:]) if state.startswith("go:") else None
+            if store.compare_set(s, "", "cancelled") != b"go":
+                return None
+            return int(conn.get(q))  # the other end sets it right after its "go"
+        finally:
+            group.spare.append(conn)
+
+    @contextmanager
+    def _turn(self, group: _Group, seq: int):
+        """Serialized mode: the pair's data ops run one at a time, in sequence order on both ends."""
+        if not self._serialize:
+            yield
+            return
+        with group.turns:
+            group.turns.wait_for(lambda: group.turn == seq or group.dead)
+            if group.dead:
+                raise KVTransferError(group.dead)
+        try:
+            yield
+        finally:
+            with group.turns:
+                group.turn = seq + 1
+                group.turns.notify_all()
 
     def _connect(self, peer: _Peer) -> _Group:
         """The live group with `peer`, forming it (a rendezvous both ends join) at a generation neither used."""
@@ -249,21 +291,23 @@ class CollectiveTransport(KVTransport):
             self._drop_group(peer)
             rank = 0 if self.name < peer.info.name else 1
             _probe(peer.host, peer.port, self._timeout.total_seconds())  # fail fast if the peer has gone
-            if rank == 1 and peer.client is None:
-                peer.client = dist.TCPStore(peer.host, peer.port, is_master=False, timeout=self._timeout)
-            store = self._store if rank == 0 else peer.client
+            host, port = (self._host, self._store.port) if rank == 0 else (peer.host, peer.port)
+            if peer.client is None:
+                peer.client = self._dial(host, port)
+            store = peer.client
             gen = int(store.add(f"{peer.pair}/gen", 0))
             if gen <= self._last_gen.get(peer.pair, -1):
                 gen = int(store.compare_set(f"{peer.pair}/gen", str(gen), str(gen + 1)))
             self._last_gen[peer.pair] = gen
-            prefixed = dist.PrefixStore(f"{peer.pair}/{gen}", store)
+            prefix = f"{peer.pair}/{gen}"
+            prefixed = dist.PrefixStore(prefix, store)
             if self._cuda:
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = _LONG
                 pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
             else:
                 pg = dist.ProcessGroupGloo(prefixed, rank, 2, self._timeout)
-            group = peer.group = _Group(pg, prefixed, 1 - rank)
+            group = peer.group = _Group(pg, prefixed, 1 - rank, (host, port, prefix))
             if not self._cuda:
                 group.watcher = threading.Thread(target=self._watch, args=(group,), name=f"kv-{self.name}-watch")
                 group.watcher.start()
@@ -277,7 +321,7 @@ class CollectiveTransport(KVTransport):
         try:
             group.pg.recv([torch.zeros(1, dtype=torch.uint8)], group.peer_rank, _SENTINEL_TAG).wait(_LONG)
         except Exception as e:
-            group.dead = group.dead or f"connection to the peer lost: {str(e).splitlines()[-1][:200]}"
+            group.kill(f"connection to the peer lost: {str(e).splitlines()[-1][:200]}")
         for t in list(group.pending):
             self._wake(group, t)
 
@@ -285,7 +329,7 @@ class CollectiveTransport(KVTransport):
         group, peer.group = peer.group, None
         if group is None:
             return
-        group.dead = group.dead or "the group was closed"
+        group.kill("the group was closed")
         if group.watcher is not None:
             try:  # a Gloo wait that times out closes the pair: the sentinel and any posted op fail at once
                 group.pg.recv([torch.zeros(1, dtype=torch.uint8)], group.peer_rank, _ABORT_TAG).wait(
@@ -311,6 +355,9 @@ class CollectiveTransport(KVTransport):
         except Exception:  # the store went with the peer: the waiter's own store call fails too
             pass
 
+    def _dial(self, host: str, port: int):
+        return dist.TCPStore(host, port, is_master=False, timeout=self._timeout)
+
     def _sync(self) -> None:
         if self._cuda:
             torch.cuda.current_stream(self._blocks.device).synchronize()
@@ -324,11 +371,9 @@ def _node_ip() -> str:
     """The node's IP when running under Ray (so peers on other nodes can reach the store), else loopback."""
     ray = sys.modules.get("ray")  # never imported here: kv/ does not depend on Ray
     try:
-        if ray is not None and ray.is_initialized():
-            return ray.util.get_node_ip_address()
+        return ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else "127.0.0.1"
     except Exception:
-        pass
-    return "127.0.0.1"
+        return "127.0.0.1"
 
 
 def _probe(host: str, port: int, timeout_s: float) -> None:

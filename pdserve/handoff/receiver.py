@@ -20,9 +20,10 @@ from pdserve.protocol import DecodeStarted, KVHandoff, MigrationFinal, Migration
 class _Inbound:
     request_id: str
     blocks: list[int] = field(default_factory=list)  # staged so far, in the request's block order
-    busy: bool = False  # a stage's pull is writing into them
+    busy: bool = False  # a stage is reserving or pulling into them
     dropped: bool = False
     touched: float = field(default_factory=time.monotonic)  # last stage; staged blocks of a silent source expire
+    source_handle: object | None = None  # pinged between stages: a dead source's staged blocks are dropped
 
 
 class Receiver:
@@ -107,18 +108,20 @@ class Receiver:
     async def stage(self, stage: MigrationStage, sender_handle) -> StageResult:
         """Stage the source's new full blocks: reuse what our cache holds, pull the rest."""
         inbound = self._inbound.setdefault(stage.migration_id, _Inbound(stage.request_id))
+        inbound.source_handle = sender_handle
         if inbound.busy or stage.start != len(inbound.blocks):
             raise ValueError(f"migration {stage.migration_id}: stage at {stage.start}, {len(inbound.blocks)} staged")
         inbound.touched = time.monotonic()
-        if self.stall_s:
-            await asyncio.sleep(self.stall_s)
-        have = list(inbound.blocks)
-        new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
-        inbound.blocks += new
-        inbound.busy, ok = True, False
+        inbound.busy, ok = True, False  # from here a drop only marks it: this stage frees what it staged
         try:
-            src, dst = stage.src_block_ids[reused:], new[reused:]
-            await self.pull(stage.source, sender_handle, src, dst, self.options.pull_timeout_s)
+            if self.stall_s:
+                await asyncio.sleep(self.stall_s)
+            have = list(inbound.blocks)
+            new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
+            inbound.blocks += new
+            if not inbound.dropped:
+                src, dst = stage.src_block_ids[reused:], new[reused:]
+                await self.pull(stage.source, sender_handle, src, dst, self.options.pull_timeout_s)
             ok = True
         finally:
             inbound.busy = False
@@ -126,7 +129,7 @@ class Receiver:
                 self._inbound.pop(stage.migration_id, None)
                 await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
         if inbound.dropped:
-            raise asyncio.CancelledError(f"migration {stage.migration_id} was dropped")
+            raise RuntimeError(f"migration {stage.migration_id} was dropped while staging")
         return StageResult(num_copied=len(new) - reused, num_reused=reused)
 
     async def finish_migration(self, final: MigrationFinal, sender_handle) -> StageResult:
@@ -161,16 +164,30 @@ class Receiver:
         if inbound is None:
             return
         if inbound.busy:
-            inbound.dropped = True  # the stage frees them when its pull has ended
+            inbound.dropped = True  # the running stage frees them when it ends
             return
         await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
 
-    async def expire(self, max_age_s: float) -> None:
-        """Drop staged migrations whose source went silent (it died, or lost track) for `max_age_s`."""
+    async def expire(self, max_age_s: float, check_sources: bool = False) -> None:
+        """Drop staged migrations whose source went silent (it died, or lost track) for `max_age_s`, and,
+        with `check_sources`, those whose source Ray reports dead."""
         now = time.monotonic()
         for mid, inbound in list(self._inbound.items()):
             if not inbound.busy and now - inbound.touched > max_age_s:
                 await self.drop(mid)
+            elif check_sources and not inbound.busy and not await self._alive(inbound.source_handle):
+                await self.drop(mid)
+
+    async def _alive(self, handle) -> bool:
+        if handle is None or not hasattr(handle, "ping"):
+            return True
+        import ray
+
+        try:
+            await asyncio.wait_for(handle.ping.remote(), self.options.liveness_interval_s * 4)
+            return True
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            return False
 
     # ---- aborts -------------------------------------------------------------------------------------------
     def defer_abort(self, request_ids: list[str]) -> list[str]:
@@ -185,6 +202,9 @@ class Receiver:
 
     async def _abort_local(self, request_ids: list[str]) -> None:
         await self.loop.call(lambda e: [e.abort(rid) for rid in request_ids])
+
+    def describe(self) -> dict[str, str]:
+        return {mid: f"{len(i.blocks)} blocks{' (copying)' if i.busy else ''}" for mid, i in self._inbound.items()}
 
     @property
     def num_staging(self) -> int:

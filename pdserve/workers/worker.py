@@ -138,11 +138,13 @@ class Worker(MigrationMixin):
     async def leak_report(self) -> str | None:
         """None when every KV block is free or cached-and-unreferenced; otherwise what is still held."""
 
+        staging = self.receiver.describe()
+
         def check(engine: LLMEngine) -> str | None:
             try:
                 engine.blocks.check_no_leak()
             except AssertionError as e:
-                return f"{e}; live requests: {list(engine.requests)[:8]}"
+                return f"{e}; live requests: {list(engine.requests)[:8]}; migrations staged here: {staging}"
             return None
 
         return await self.loop.call(check)
@@ -339,7 +341,7 @@ class Worker(MigrationMixin):
             if check:
                 last_check = now
             await self.sender.check(now, check)
-            await self.receiver.expire(2 * self.migration.stage_timeout_s)
+            await self.receiver.expire(2 * self.migration.stage_timeout_s, check_sources=check)
 
 
 def _layout(engine: LLMEngine) -> KVLayout:

@@ -73,13 +73,19 @@ async def _ready(value):
 
 
 async def leak_free(dep) -> None:
+    last = {}
+
     async def clean():
         st = await dep.controller.status.remote()
         live = [w["worker_id"] for w in st["workers"] if w["state"] == "ready"]
         reports = await asyncio.gather(*(dep.handles[w].leak_report.remote() for w in live))
+        last.update(zip(live, reports))
         return not any(reports)
 
-    await wait_for(clean, 20, "every worker to hold no KV block")
+    try:
+        await wait_for(clean, 20, "every worker to hold no KV block")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {last}") from None
 
 
 async def workers(dep, role: str) -> list[str]:

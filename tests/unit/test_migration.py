@@ -421,3 +421,32 @@ def test_blocks_the_target_caches_are_not_copied(mode):
             await b.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_stage_dropped_while_it_waits_frees_what_it_staged():
+    """The target drops a migration (its source died) while a stage still waits to reserve: the stage,
+    not the drop, frees the blocks it then reserves; the request carries on at the source."""
+
+    async def main():
+        ids = prompt(150)
+        expected = await reference(GREEDY, ids)
+        (a, ha), (b, hb) = pair()
+        try:
+            rid, admitted = start(a, ids, GREEDY)
+            await admitted
+            collector = asyncio.ensure_future(collect([a, b], rid))
+            await wait_tokens(a, rid, 5)
+            b.receiver.stall_s = 0.3
+            task = asyncio.ensure_future(a.migrate(rid, b.worker_id, hb, "operator"))
+            while not b.receiver.num_staging:
+                await asyncio.sleep(0.01)
+            await b.migrate_drop(next(iter(b.receiver.describe())))
+            rec = await task
+            assert rec.outcome == "failed" and "dropped" in rec.error, rec
+            assert tokens_of(await collector) == expected
+            await leak_free(a, b)
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())

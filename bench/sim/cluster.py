@@ -78,17 +78,27 @@ class Simulation:
 
     def run(self) -> list[SimRequest]:
         with virtual_clock(self.clock):
-            for wid, role in self.cluster.roles():
-                self.router.register(wid, role)
-                self.at(self.rng.uniform(0, self.cluster.report_interval_s), self._report, self.workers[wid])
-            for req in self.requests:
-                self.at(req.trace.arrival_s, self._arrive, req)
-            heap, clock, total = self._heap, self.clock, len(self.requests)
-            while heap and self.resolved < total:
-                t, _, fn, args = heapq.heappop(heap)
-                clock.now = t
-                fn(t, *args)
+            self.start()
+            self.advance()
         return self.requests
+
+    def start(self) -> None:
+        """Register the initial workers and schedule every arrival (inside `virtual_clock`)."""
+        for wid, role in self.cluster.roles():
+            self.router.register(wid, role)
+            self.at(self.rng.uniform(0, self.cluster.report_interval_s), self._report, self.workers[wid])
+        for req in self.requests:
+            self.at(req.trace.arrival_s, self._arrive, req)
+
+    def advance(self, until: float | None = None) -> None:
+        """Run events until every request is resolved, or (with `until`) through virtual time `until`."""
+        heap, clock, total = self._heap, self.clock, len(self.requests)
+        while heap and (self.resolved < total if until is None else heap[0][0] <= until):
+            t, _, fn, args = heapq.heappop(heap)
+            clock.now = t
+            fn(t, *args)
+        if until is not None:
+            clock.now = max(clock.now, until)
 
     # ---- request flow ----------------------------------------------------------------------------
     def _arrive(self, now: float, req: SimRequest) -> None:
@@ -105,6 +115,7 @@ class Simulation:
         except NoCapacity:
             req.outcome = "rejected"
             self.resolved += 1
+            self.settled(req)
             return
         self.decision_s += route.decision_s
         req.decode_worker = route.decode_worker
@@ -158,10 +169,18 @@ class Simulation:
     def finish(self, req: SimRequest, now: float) -> None:
         req.finish_s, req.outcome = now, "finished"
         self.resolved += 1
+        self.settled(req)
 
     def fail(self, req: SimRequest, why: str) -> None:
         req.outcome = f"failed:{why}"
         self.resolved += 1
+        self.settled(req)
+
+    def first_token(self, req: SimRequest, now: float) -> None:
+        """A request's first token is out (observers override this)."""
+
+    def settled(self, req: SimRequest) -> None:
+        """A request is resolved: finished, rejected or failed (observers override this)."""
 
     # ---- reports ---------------------------------------------------------------------------------
     def _report(self, now: float, w: SimWorker) -> None:

@@ -209,7 +209,7 @@ def main() -> None:
         payload = report(c, k, policies, rates[c], mine, args)
         payload["wall_s_total"] = wall
         path = RESULTS / f"{args.out}_{c}_{k}.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        path.write_text(json.dumps(payload, indent=2, default=lambda o: o.model_dump()) + "\n")
         print(f"wrote {path}")
     print(f"\n{len(tasks)} runs in {wall:.1f} s wall ({args.jobs} processes, load average {os.getloadavg()[0]:.1f})")
 

@@ -68,6 +68,7 @@ class SimWorker:
         self.epoch, self.seq = f"{worker_id}-epoch", 0
         self.busy_s = 0.0
         self.prefill_tokens = 0
+        self.decode_tokens = 0  # tokens sampled by decode steps (first tokens are counted by prefill)
 
     # ---- work arriving ---------------------------------------------------------------------------
     def add_prefill(self, req: SimRequest, now: float) -> None:
@@ -166,6 +167,7 @@ class SimWorker:
             return  # superseded by a shorter plan
         plan, self.plan = self.plan, None
         self.busy_s += plan.end - plan.start
+        self.decode_tokens += plan.steps * len(plan.decoders)
         freed = False
         for req in plan.decoders:
             req.remaining -= plan.steps
@@ -192,6 +194,7 @@ class SimWorker:
     def _prefilled(self, req: SimRequest, now: float) -> bool:
         """The first token is out; True when the request's blocks were freed."""
         req.first_token_s = now
+        self.sim.first_token(req, now)
         if req.trace.max_tokens == 1:
             self.cache.release(req.blocks)
             self.sim.finish(req, now)
@@ -204,6 +207,10 @@ class SimWorker:
         req.remaining, req.context = req.trace.max_tokens - 1, req.trace.num_prompt_tokens + 1
         self.decoding.append(req)
         return False
+
+    def idle(self) -> bool:
+        """Nothing queued, running, importing or held under a lease: a draining worker may stop."""
+        return not (self.plan or self.waiting or self.prefilling or self.decoding or self.imports or self.num_held)
 
     # ---- reports ---------------------------------------------------------------------------------
     def stats(self, now: float) -> WorkerStats:

@@ -73,9 +73,10 @@ def _targets(want: dict[str, int], s: Signals, cfg: AutoscalingConfig) -> dict[s
         return {"prefill": 0, "decode": 0, "colocated": min(hi, max(lo, want["prefill"], want["decode"]))}
     d = min(cfg.max_decode, max(cfg.min_decode, want["decode"])) - c
     d = max(d, 1 if s.prefill or s.decode else 0)
-    p = min(cfg.max_prefill, max(cfg.min_prefill, want["prefill"])) - c
+    p = want["prefill"] - c
     if d > 0 and s.prefill + want["prefill"] > 0:  # a P/D deployment: keep the ratio
         p = min(max(p, math.ceil(cfg.pd_ratio_min * d)), math.floor(cfg.pd_ratio_max * d))
+    p = min(cfg.max_prefill, max(cfg.min_prefill, p + c)) - c  # min/max win over the ratio
     return {"prefill": max(p, 0), "decode": d, "colocated": c}
 
 

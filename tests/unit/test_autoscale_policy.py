@@ -112,3 +112,20 @@ def test_no_data_holds_the_current_sizes(missing):
 )
 def test_which_worker_leaves(candidates, chosen):
     assert pick_removal(candidates) == chosen
+
+
+@pytest.mark.parametrize(
+    "changes, s, prefill",
+    [
+        # the ratio would ask for 8 prefill workers (2 per decode x 4): max_prefill caps it
+        ({"max_prefill": 6, "max_decode": 4, "pd_ratio_min": 2}, sig(p=2, tok=3500), 6),
+        # the ratio would allow 1 per decode worker only: min_prefill keeps 3
+        ({"min_prefill": 3, "pd_ratio_max": 1.0}, sig(p=3, d=2, tok=150), 3),
+    ],
+)
+def test_min_and_max_win_over_the_ratio(changes, s, prefill):
+    cfg = AutoscalingConfig(**{**CFG.model_dump(), **changes, "decode_tokens_per_worker": 1000})
+    state = PolicyState()
+    for t in range(0, 200, 20):
+        d = decide(s, state, cfg, now=t)
+        assert d.targets["prefill"] == prefill or d.action == "hold" and s.prefill == prefill, d

@@ -63,6 +63,15 @@ def logged_traceback() -> bool:
     return False
 
 
+def break_engine(handle):
+    """Injects the engine fault. The worker may die (its intended end) before the call's reply is
+    sent, so an actor error from this call is an outcome, not a failure (seen once in CI)."""
+    try:
+        ray.get(handle.inject_fault.remote("engine_step"), timeout=30)
+    except ray.exceptions.RayActorError:
+        pass
+
+
 def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
     # no retries: this shows what a client gets when a worker fails and nothing can be retried
     config = serve_config(
@@ -76,7 +85,7 @@ def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(stream, s.url, f"stream {i} " * 5, 400) for i in range(4)]
             time.sleep(1.5)
-            ray.get(handles[d_broken].inject_fault.remote("engine_step"))
+            break_engine(handles[d_broken])
             results = [f.result(timeout=60) for f in futures]
         wait_dead(s, d_broken)
         errors = [json.loads(lines[-2][6:])["error"] for lines in results if '"error"' in lines[-2]]
@@ -87,7 +96,7 @@ def test_broken_engines_end_their_workers_and_requests_get_503s(ray_cluster):
         assert all(lines[-1] == "data: [DONE]" for lines in results)
         # -- a prefill worker breaks: the request on it gets a 503, the next ones go to the other prefill worker
         p_broken, p_ok = workers(s, "prefill")
-        ray.get(handles[p_broken].inject_fault.remote("engine_step"))
+        break_engine(handles[p_broken])
         statuses = [complete(s.url, f"prompt {i} " * 20).status_code for i in range(4)]
         assert 503 in statuses and 500 not in statuses
         wait_dead(s, p_broken)

@@ -17,14 +17,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
-from bench.sim.autoscalers import IndependentAutoscaler, PdserveAutoscaler
-from bench.sim.cluster import ClusterConfig
-from bench.sim.elastic import ElasticConfig, ElasticSimulation
-from bench.sim.metrics import SLO, summarize
-from bench.sim.model import load_model
-from bench.sim.observe import Observer
 from bench.sim.run import RESULTS, average, table
-from bench.sim.workloads import (
+from pdserve.config import AutoscalingConfig
+from pdserve.sim.autoscalers import IndependentAutoscaler, PdserveAutoscaler
+from pdserve.sim.cluster import ClusterConfig
+from pdserve.sim.elastic import ElasticConfig, ElasticSimulation
+from pdserve.sim.metrics import SLO, summarize
+from pdserve.sim.model import load_model
+from pdserve.sim.observe import Observer
+from pdserve.sim.workloads import (
     Lengths,
     azure_trace,
     burst_rate,
@@ -34,7 +35,6 @@ from bench.sim.workloads import (
     mooncake_outputs,
     poisson_trace,
 )
-from pdserve.config import AutoscalingConfig
 
 VARIANTS = ("pdserve", "independent", "static_min", "static_max")
 BLOCK = 512

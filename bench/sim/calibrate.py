@@ -3,7 +3,7 @@
 Times single engine steps: prefill chunks of n new tokens after s cached tokens, and decode steps of B
 sequences with C context tokens in all, then fits (weighted least squares, non-negative)
     step(n, s) = a + b*n + c*n^2 + d*n*s        decode(B, C) = a + b*C + c*B
-and writes bench/sim/calibration_cpu.json with the fit quality.
+and writes pdserve/sim/calibration_cpu.json with the fit quality.
 
     python -m bench.sim.calibrate [--quick] [--threads 1]
 """
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.sim.model import LatencyModel
+from pdserve.sim.model import CALIBRATIONS, LatencyModel
 
-HERE = Path(__file__).resolve().parent
 PREFILL_NEW = [32, 128, 512, 1024, 2048]
 PREFILL_CACHED = [0, 1024, 4096]
 DECODE_BATCH = [1, 4, 16, 32, 64]
@@ -129,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer points and repeats (a smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: one engine per core)")
-    ap.add_argument("--out", type=Path, default=HERE / "calibration_cpu.json")
+    ap.add_argument("--out", type=Path, default=CALIBRATIONS["cpu"])
     args = ap.parse_args()
     import torch
 

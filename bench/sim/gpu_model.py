@@ -1,15 +1,14 @@
 """Derived (not measured) latency model of one H100 SXM serving a Llama-3-8B-shaped model in bf16.
 
 Every coefficient is a roofline estimate from the numbers below; `python -m bench.sim.gpu_model` writes
-them with their sources to bench/sim/calibration_h100.json.
+them with their sources to pdserve/sim/calibration_h100.json.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from pdserve.sim.model import CALIBRATIONS
 
 ASSUMPTIONS = {
     "params": (8.03e9, "Llama-3-8B parameter count (Meta model card)"),
@@ -77,7 +76,7 @@ def derive() -> dict:
 
 def main() -> None:
     out = derive()
-    path = HERE / "calibration_h100.json"
+    path = CALIBRATIONS["h100"]
     path.write_text(json.dumps(out, indent=2) + "\n")
     p, d = out["prefill"], out["decode"]
     print(f"prefill step = {p['a']:.3g} + {p['b']:.3g}*n + {p['c']:.3g}*n^2 + {p['d']:.3g}*n*s")

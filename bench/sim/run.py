@@ -20,11 +20,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench.sim.cluster import ClusterConfig, Simulation
-from bench.sim.metrics import SLO, goodput, summarize
-from bench.sim.model import load_model
-from bench.sim.trace import load_mooncake, mean_rate
-from bench.sim.variants import make_variant
+from pdserve.sim.cluster import ClusterConfig, Simulation
+from pdserve.sim.metrics import SLO, goodput, summarize
+from pdserve.sim.model import CALIBRATIONS, load_model
+from pdserve.sim.trace import load_mooncake, mean_rate
+from pdserve.sim.variants import make_variant
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 POLICIES = ("round_robin", "least_loaded", "prefix_aware", "sglang_cache_aware", "dynamo_kv_cost")
@@ -165,7 +165,7 @@ def report(calibration: str, cluster: str, policies: list[str], rates: list[floa
         "cluster": cluster,
         "cluster_config": asdict(replace(CLUSTERS[cluster], block_size=setup.block_size)),
         "setup": asdict(setup),
-        "model": json.loads((Path(__file__).parent / f"calibration_{calibration}.json").read_text()),
+        "model": json.loads(CALIBRATIONS[calibration].read_text()),
         "main_rate": main_rate,
         "rates": rates,
         "seeds": args.seeds,

@@ -25,6 +25,19 @@ RULES = {
     },
     "workers": {"fastapi", "starlette", "uvicorn", "pdserve.api", "pdserve.cluster", "pdserve.controller"},
     "cluster": {"torch", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.controller"},
+    # the simulator (and `pdserve plan`) drives the real router and autoscaling policy, nothing that runs
+    "sim": {
+        "torch",
+        "ray",
+        "fastapi",
+        "pdserve.engine",
+        "pdserve.kv",
+        "pdserve.workers",
+        "pdserve.api",
+        "pdserve.cluster",
+        "pdserve.controller",
+        "pdserve.handoff",
+    },
     "controller": {"torch", "fastapi", "uvicorn", "pdserve.engine", "pdserve.kv", "pdserve.workers.worker"},
 }
 

@@ -2,13 +2,13 @@
 
 import time
 
-from bench.sim.cluster import ClusterConfig, Simulation
-from bench.sim.kvcache import KVCache
-from bench.sim.metrics import SLO, summarize
-from bench.sim.model import LatencyModel
-from bench.sim.trace import shared_prefix_trace
 from pdserve.protocol import BlockRemoved, BlockStored
 from pdserve.scheduler import prefix_index, router
+from pdserve.sim.cluster import ClusterConfig, Simulation
+from pdserve.sim.kvcache import KVCache
+from pdserve.sim.metrics import SLO, summarize
+from pdserve.sim.model import LatencyModel
+from pdserve.sim.trace import shared_prefix_trace
 
 MODEL = LatencyModel(
     name="test",
@@ -72,9 +72,9 @@ def test_decode_run_matches_single_steps():
 
 
 def test_queued_prefills_weigh_fully_on_decode_workers_and_a_quarter_on_colocated_ones():
-    from bench.sim.variants import make_variant
     from pdserve.protocol import RouteRequest
     from pdserve.scheduler.policies import Candidate, WorkerView
+    from pdserve.sim.variants import make_variant
 
     req = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
     views = {n: dict(num_blocks=100, num_free_blocks=100) for n in "ab"}

@@ -5,15 +5,15 @@ from dataclasses import replace
 
 import pytest
 
-from bench.sim.autoscalers import IndependentAutoscaler, PdserveAutoscaler
-from bench.sim.clock import virtual_clock
-from bench.sim.cluster import ClusterConfig
-from bench.sim.elastic import ElasticConfig, ElasticSimulation
-from bench.sim.metrics import SLO, summarize
-from bench.sim.observe import Observer
-from bench.sim.trace import shared_prefix_trace
-from bench.sim.workloads import Lengths, capacity, diurnal_rate, poisson_trace
 from pdserve.config import AutoscalingConfig
+from pdserve.sim.autoscalers import IndependentAutoscaler, PdserveAutoscaler
+from pdserve.sim.clock import virtual_clock
+from pdserve.sim.cluster import ClusterConfig
+from pdserve.sim.elastic import ElasticConfig, ElasticSimulation
+from pdserve.sim.metrics import SLO, summarize
+from pdserve.sim.observe import Observer
+from pdserve.sim.trace import shared_prefix_trace
+from pdserve.sim.workloads import Lengths, capacity, diurnal_rate, poisson_trace
 from tests.unit.test_sim import MODEL
 
 CLUSTER = ClusterConfig(num_prefill=1, num_decode=1, block_size=16, report_interval_s=0.05)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from bench.sim.cluster import ClusterConfig, Simulation
-from bench.sim.model import LatencyModel
-from bench.sim.trace import TraceRequest
-from bench.sim.worker import SimRequest, SimWorker
 from pdserve.autoscale.policy import RemovalCandidate, pick_removal
+from pdserve.sim.cluster import ClusterConfig, Simulation
+from pdserve.sim.model import LatencyModel
+from pdserve.sim.trace import TraceRequest
+from pdserve.sim.worker import SimRequest, SimWorker
 
 ROLES = ("prefill", "decode", "colocated")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from bench.sim.kvcache import Blocks, KVCache
-from bench.sim.model import LatencyModel
-from bench.sim.trace import TraceRequest
 from pdserve.protocol import KVEventBatch, WorkerStats
+from pdserve.sim.kvcache import Blocks, KVCache
+from pdserve.sim.model import LatencyModel
+from pdserve.sim.trace import TraceRequest
 
 
 @dataclass(eq=False)

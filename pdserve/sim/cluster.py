@@ -14,13 +14,13 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from bench.sim.clock import VirtualClock, virtual_clock
-from bench.sim.model import LatencyModel
-from bench.sim.trace import TraceRequest
-from bench.sim.worker import SimRequest, SimWorker
 from pdserve.protocol import RouteRequest
 from pdserve.scheduler.policies import DisaggConfig
 from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.sim.clock import VirtualClock, virtual_clock
+from pdserve.sim.model import LatencyModel
+from pdserve.sim.trace import TraceRequest
+from pdserve.sim.worker import SimRequest, SimWorker
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.sim.worker import SimRequest, SimWorker
+from pdserve.sim.worker import SimRequest, SimWorker
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 
-from bench.sim.metrics import SLO, meets, tpot, ttft
-from bench.sim.worker import SimRequest, SimWorker
 from pdserve.autoscale.policy import Signals
+from pdserve.sim.metrics import SLO, meets, tpot, ttft
+from pdserve.sim.worker import SimRequest, SimWorker
 
 
 class Observer:

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from bench.sim.model import LatencyModel
-from bench.sim.trace import MOONCAKE, TRACES, TraceRequest
+from pdserve.sim.model import LatencyModel
+from pdserve.sim.trace import MOONCAKE, TRACES, TraceRequest
 
 AZURE = TRACES / "azure_llm_code_2023.csv"
 

@@ -4,6 +4,7 @@ the arrival rate for goodput; print tables and write bench/results/sim_<calibrat
     python -m bench.sim.run                       # cpu and h100; 4P+4D and 8 colocated; 6 policies; 3 seeds
     python -m bench.sim.run --calibrations h100 --clusters pd --rates 1 --limit 1000 --seeds 1
     python -m bench.sim.run --policies "prefix_aware,pa_queue:decode_queue_weight=0.5;uncached_weight=2.0"
+    python -m bench.sim.run --clusters pd --disagg "local_prefill_step_tokens=1000000000"  # routing.disagg
 
 A policy is a name from pdserve's registry or bench/sim/variants.py (`pa_queue` reweighs prefix_aware's queue terms),
 optionally with `:key=value` options separated by ';'. Rates multiply the trace's own arrival rate
@@ -20,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pdserve.config import DisaggConfig
 from pdserve.sim.cluster import ClusterConfig, Simulation
 from pdserve.sim.metrics import SLO, goodput, summarize
 from pdserve.sim.model import CALIBRATIONS, load_model
@@ -71,19 +73,28 @@ CLUSTERS = {
 }
 
 
-def parse_policy(spec: str) -> tuple[str, dict]:
-    name, _, opts = spec.partition(":")
+def parse_options(opts: str) -> dict:
     options = {}
     for item in filter(None, opts.split(";")):
         key, _, value = item.partition("=")
         options[key] = float(value) if "." in value or "e" in value else int(value)
-    return name, options
+    return options
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    name, _, opts = spec.partition(":")
+    return name, parse_options(opts)
 
 
 def run_one(task: tuple) -> dict:
-    calibration, cluster_name, spec, rate, seed, limit, report_interval = task
+    calibration, cluster_name, spec, rate, seed, limit, report_interval, disagg = task
     setup, model = SETUPS[calibration], load_model(calibration)
-    cluster = replace(CLUSTERS[cluster_name], block_size=setup.block_size, report_interval_s=report_interval)
+    cluster = replace(
+        CLUSTERS[cluster_name],
+        block_size=setup.block_size,
+        report_interval_s=report_interval,
+        disagg=DisaggConfig(**parse_options(disagg)),
+    )
     trace = load_mooncake(
         block_size=setup.block_size, time_scale=1 / rate, limit=limit, output_scale=setup.output_scale
     )
@@ -110,8 +121,11 @@ COLUMNS = [
     ("ttft_p99", "{:.2f}"),
     ("tpot_p50", "{:.3f}"),
     ("tpot_p99", "{:.3f}"),
+    ("tpot_decode_p99", "{:.3f}"),
+    ("handoff_p99", "{:.3f}"),
     ("slo_attainment", "{:.3f}"),
     ("goodput_req_s", "{:.2f}"),
+    ("goodput_held_req_s", "{:.2f}"),
     ("prefill_imbalance", "{:.2f}"),
     ("decode_busy_imbalance", "{:.2f}"),
     ("local_prefill_frac", "{:.2f}"),
@@ -136,6 +150,9 @@ def average(runs: list[dict]) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
             values = [r[key] for r in runs if r.get(key) is not None]
             out[key] = sum(values) / len(values) if values else None
+    reasons = sorted({k for r in runs for k in r["local_prefill_frac_by_reason"]})
+    by_reason = {k: sum(r["local_prefill_frac_by_reason"].get(k, 0.0) for r in runs) / len(runs) for k in reasons}
+    out["local_prefill_frac_by_reason"] = by_reason
     out["slo_attainment_seeds"] = [r["slo_attainment"] for r in runs]
     out["seeds"] = len(runs)
     return out
@@ -150,11 +167,22 @@ def report(calibration: str, cluster: str, policies: list[str], rates: list[floa
         mine = [r for r in points if r["policy"] == spec]
         main = next(r for r in mine if r["rate"] == main_rate)
         best = goodput([(r["rate"], r["slo_attainment"]) for r in mine], setup.slo.target)
-        rows.append({**main, "goodput_rate": best, "goodput_req_s": best * main["req_per_s"] / main["rate"]})
+        held = goodput([(r["rate"], r["slo_attainment_first_token_held"]) for r in mine], setup.slo.target)
+        per_rate = main["req_per_s"] / main["rate"]
+        rows.append(
+            {**main, "goodput_rate": best, "goodput_req_s": best * per_rate, "goodput_held_req_s": held * per_rate}
+        )
     print(f"\n== {calibration} / {cluster}: rate x{main_rate} ({rows[0]['req_per_s']:.2f} req/s), {args.seeds} seeds")
     print(f"   {setup.note}")
     print(f"   SLO: TTFT <= {setup.slo.ttft_s} s and TPOT <= {setup.slo.tpot_s} s for >= {setup.slo.target:.0%}")
     print(table(rows, COLUMNS))
+    print("   tpot_decode_p99: TPOT from the decode start; handoff: first token -> decode start (P/D only);")
+    print("   goodput_held: had the first token been held until the decode start (handoff counted in TTFT)")
+    reasons = sorted({k for r in rows for k in r["local_prefill_frac_by_reason"]})
+    if reasons:
+        print("local_prefill_frac by reason (share of routed requests):")
+        by_reason = [{"policy": r["policy"], **r["local_prefill_frac_by_reason"]} for r in rows]
+        print(table(by_reason, [("policy", "{}")] + [(k, "{:.3f}") for k in reasons]))
     sweep = [
         {"policy": s, **{f"x{r['rate']}": r["slo_attainment"] for r in points if r["policy"] == s}} for s in policies
     ]
@@ -163,7 +191,9 @@ def report(calibration: str, cluster: str, policies: list[str], rates: list[floa
     return {
         "calibration": calibration,
         "cluster": cluster,
-        "cluster_config": asdict(replace(CLUSTERS[cluster], block_size=setup.block_size)),
+        "cluster_config": asdict(
+            replace(CLUSTERS[cluster], block_size=setup.block_size, disagg=DisaggConfig(**parse_options(args.disagg)))
+        ),
         "setup": asdict(setup),
         "model": json.loads(CALIBRATIONS[calibration].read_text()),
         "main_rate": main_rate,
@@ -171,6 +201,7 @@ def report(calibration: str, cluster: str, policies: list[str], rates: list[floa
         "seeds": args.seeds,
         "limit": args.limit,
         "report_interval_s": args.report_interval,
+        "disagg": args.disagg,
         "summary": rows,
         "points": points,
         "runs": runs,
@@ -186,6 +217,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="runs per point (report phases differ); averaged")
     ap.add_argument("--limit", type=int, default=None, help="only the first N trace requests")
     ap.add_argument("--report-interval", type=float, default=0.1, help="worker load reports, virtual seconds")
+    ap.add_argument("--disagg", default="", help="routing.disagg overrides, e.g. 'local_prefill_step_tokens=2048'")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default="sim", help="JSON name prefix under bench/results/")
     args = ap.parse_args()
@@ -193,7 +225,7 @@ def main() -> None:
     combos = [(c, k) for c in args.calibrations.split(",") for k in args.clusters.split(",")]
     rates = {c: [float(r) for r in args.rates.split(",")] if args.rates else list(SETUPS[c].rates) for c, _ in combos}
     tasks = [
-        (c, k, p, r, seed, args.limit, args.report_interval)
+        (c, k, p, r, seed, args.limit, args.report_interval, args.disagg)
         for c, k in combos
         for r in rates[c]
         for p in policies

@@ -18,6 +18,7 @@ TIMEOUT_S = 5.0
 DECODE_TOKENS = "sum(pdserve:decode_tokens:rate1m)"
 KV_USAGE = "avg(pdserve:decode_kv_usage:avg)"
 PREFILL_QUEUED = "sum(pdserve:prefill_tokens_queued:sum)"
+PROMPT_TOKENS = "sum(pdserve:prefill_prompt_tokens:rate1m)"
 REQUEST_RATE = "sum(pdserve:requests:rate1m)"
 TTFT_BUCKETS = "pdserve:ttft_seconds_bucket:rate1m"
 ITL_BUCKETS = "pdserve:itl_seconds_bucket:rate1m"
@@ -41,6 +42,7 @@ class PrometheusObserver:
             "decode_tokens_per_s": DECODE_TOKENS,
             "kv_usage": KV_USAGE,
             "prefill_tokens_queued": PREFILL_QUEUED,
+            "prompt_tokens_per_s": PROMPT_TOKENS,
             "request_rate": REQUEST_RATE,
             "ttft_attainment": attainment_query(TTFT_BUCKETS, config.ttft_slo_s, TTFT),
             "tpot_attainment": attainment_query(ITL_BUCKETS, config.tpot_slo_s, ITL),  # per token: ITL
@@ -61,8 +63,9 @@ class PrometheusObserver:
         value = float(result[0]["value"][1])
         return None if value != value else value
 
-    async def observe(self, sizes: dict[str, int]) -> Signals:
-        """Signals now; a failed or empty query leaves its signal None (and a failure is remembered)."""
+    async def observe(self, sizes: dict[str, int], starting: dict[str, int] | None = None) -> Signals:
+        """Signals now, for `sizes` ready and `starting` started-not-yet-ready workers per role; a failed or
+        empty query leaves its signal None (and a failure is remembered)."""
         values: dict[str, float | None] = {}
         self.last_error = None
         for name, expr in self.queries.items():
@@ -73,7 +76,12 @@ class PrometheusObserver:
                 self.last_error = f"{type(e).__name__}: {e}"
         if self.last_error:
             log.warning("Prometheus at %s: %s; holding what cannot be observed", self.url, self.last_error)
-        return Signals(sizes.get("prefill", 0), sizes.get("decode", 0), sizes.get("colocated", 0), **values)
+        starting = starting or {}
+        return Signals(
+            sizes.get("prefill", 0), sizes.get("decode", 0), sizes.get("colocated", 0), **values,
+            starting_prefill=starting.get("prefill", 0), starting_decode=starting.get("decode", 0),
+            starting_colocated=starting.get("colocated", 0),
+        )  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -244,13 +244,23 @@ def make_policy(name: str, **options) -> RoutingPolicy:
 def decide_local_prefill(
     decode: Candidate, best_prefill: WorkerView | None, request: RouteRequest, cfg: DisaggConfig
 ) -> tuple[bool, str]:
-    """Whether the chosen decode worker should prefill the request itself, and why."""
+    """Whether the chosen decode worker should prefill the request itself, and why.
+
+    A local prefill's chunks run in the same steps as the worker's decodes and lengthen each of them. So
+    beyond a suffix of `local_prefill_max_tokens` (a step's worth of noise), a decode worker prefills only
+    while the prompt tokens queued there, this one's included, fit in `local_prefill_step_tokens`: every
+    step then carries at most that much prefill, and its decodes keep their TPOT however long the prefill
+    queues grow. A longer prompt waits for a prefill worker: a prefill pool too small for the load shows
+    as TTFT, not as stalled decodes (a huge budget restores the old trade: decode steps lent to prefill)."""
     if best_prefill is None:
         return True, "no_prefill_worker"
-    if request.num_prompt_tokens - decode.cached_tokens <= cfg.local_prefill_max_tokens:
+    suffix = request.num_prompt_tokens - decode.cached_tokens
+    if suffix <= cfg.local_prefill_max_tokens:
         return True, "decode_has_prefix"
     w = decode.worker
     room = (w.num_blocks - w.used_blocks) / max(1, w.num_blocks)
-    if best_prefill.queued_tokens >= cfg.prefill_saturated_tokens and room >= cfg.decode_room_fraction:
+    if best_prefill.queued_tokens < cfg.prefill_saturated_tokens or room < cfg.decode_room_fraction:
+        return False, "disaggregated"
+    if w.queued_tokens + suffix <= cfg.local_prefill_step_tokens:
         return True, "prefill_saturated"
     return False, "disaggregated"

@@ -13,8 +13,8 @@ from pdserve.config import AutoscalingConfig
 
 class PdserveAutoscaler:
     """Signals from the observer -> `decide` -> actuation: scale out starts workers until ready + starting
-    reach the targets (so a decision repeated while workers start adds none); scale in removes one worker
-    (`pick_removal`); a flip drains one and restarts it in the other role."""
+    reach the targets (so a decision repeated while workers start adds none); scale in removes workers down
+    to the targets, each chosen by `pick_removal`; a flip drains one and restarts it in the other role."""
 
     name = "pdserve"
 
@@ -26,11 +26,13 @@ class PdserveAutoscaler:
     def step(self, sim, now: float) -> Decision:
         s = sim.observer.signals
         d = decide(s, self.state, self.cfg, now)
-        current = {"prefill": s.prefill, "decode": s.decode, "colocated": s.colocated}
+        current = s.totals()
         if d.action == "scale_out":
             sim.scale_to(d.targets, now)
         elif d.action == "scale_in":
-            sim.remove_one(next(r for r in current if d.targets[r] < current[r]), now)
+            for role in current:
+                for _ in range(current[role] - d.targets[role]):
+                    sim.remove_one(role, now)
         elif d.action == "flip":
             sim.flip_one(*d.flip, now)
         self.actions[d.action] += 1

@@ -157,6 +157,7 @@ class Simulation:
         decode.cache.store(req.blocks, list(req.trace.block_hashes[hit:]))
         self._release_prefill(req, now)
         req.remaining, req.context = req.trace.max_tokens - 1, req.trace.num_prompt_tokens + 1
+        req.decode_start_s = now
         decode.add_decode(req, now)
 
     def _release_prefill(self, req: SimRequest, now: float) -> None:

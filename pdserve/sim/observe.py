@@ -16,6 +16,7 @@ class Observer:
     def __init__(self, slo: SLO, window_s: float = 30.0) -> None:
         self.slo, self.window_s = slo, window_s
         self._ttft: deque[tuple[float, bool]] = deque()  # (first token time, met the TTFT SLO)
+        self._prompt: deque[tuple[float, int]] = deque()  # (first token time, prompt tokens): prefill throughput
         self._tpot: deque[tuple[float, bool]] = deque()  # (finish time, met the TPOT SLO)
         self._settled: deque[tuple[float, bool]] = deque()  # (resolution time, met both), rejections included
         self._tokens: deque[tuple[float, int]] = deque([(0.0, 0)])  # (tick, decode tokens so far)
@@ -29,6 +30,7 @@ class Observer:
     # ---- events (histograms' observations) -------------------------------------------------------
     def first_token(self, req: SimRequest, now: float) -> None:
         self._ttft.append((now, ttft(req) <= self.slo.ttft_s))
+        self._prompt.append((now, req.trace.num_prompt_tokens))
 
     def settled(self, req: SimRequest, now: float) -> None:
         self._settled.append((now, meets(req, self.slo)))
@@ -38,7 +40,7 @@ class Observer:
     # ---- one tick --------------------------------------------------------------------------------
     def observe(self, sim, now: float) -> Signals:
         start = now - self.window_s
-        for q in (self._ttft, self._tpot, self._settled):
+        for q in (self._ttft, self._tpot, self._settled, self._prompt):
             while q and q[0][0] < start:
                 q.popleft()
         span = min(self.window_s, now) or 1.0
@@ -62,6 +64,10 @@ class Observer:
             ttft_attainment=_share(self._ttft),
             tpot_attainment=_share(self._tpot),
             request_rate=(arrived - bisect_left(self._arrivals, start)) / span,
+            prompt_tokens_per_s=sum(n for _, n in self._prompt) / span,
+            starting_prefill=sim.count("prefill", "starting"),
+            starting_decode=sim.count("decode", "starting"),
+            starting_colocated=sim.count("colocated", "starting"),
         )
         interval = now - self._last
         busy = {w.worker_id: _busy(w, now) for w in sim.members("prefill")}
@@ -82,6 +88,7 @@ class Observer:
                 "decode_tokens_per_s": s.decode_tokens_per_s,
                 "kv_usage": s.kv_usage,
                 "prefill_tokens_queued": s.prefill_tokens_queued,
+                "prompt_tokens_per_s": s.prompt_tokens_per_s,
                 "prefill_busy": self.prefill_busy,
             }
         )

@@ -34,6 +34,7 @@ class SimRequest:
     prefill_blocks: Blocks | None = None  # held on the prefill worker until the KV transfer ends
     ready_s: float = 0.0  # prefill finished: waiting for the decode worker to reserve blocks since
     first_token_s: float | None = None
+    decode_start_s: float | None = None  # joined a decode batch: the first token (local) or the KV landed (P/D)
     finish_s: float | None = None
     remaining: int = 0  # tokens left to decode
     context: int = 0  # tokens in the decode worker's KV for this request
@@ -205,6 +206,7 @@ class SimWorker:
             self.sim.prefill_done(req, now)
             return False
         req.remaining, req.context = req.trace.max_tokens - 1, req.trace.num_prompt_tokens + 1
+        req.decode_start_s = now
         self.decoding.append(req)
         return False
 

@@ -4,10 +4,13 @@ data, the signals are missing and the policy holds the current sizes (never scal
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pdserve.autoscale.observe import PrometheusObserver, attainment_query
 from pdserve.autoscale.policy import PolicyState, decide
@@ -27,11 +30,22 @@ def test_attainment_reads_the_bucket_at_or_under_the_slo():
     assert q == 'sum(b{le="2.0"}) / sum(b{le="+Inf"})'
 
 
+def test_every_series_the_observer_reads_is_recorded_by_the_autoscaling_rules():
+    rules = yaml.safe_load((Path(__file__).parents[2] / "deploy/rules/pdserve.rules.yml").read_text())
+    group = next(g for g in rules["groups"] if g["name"] == "pdserve.autoscaling")
+    recorded = {r["record"] for r in group["rules"]}
+    obs = PrometheusObserver("http://127.0.0.1:9", CFG)
+    asyncio.run(obs.close())
+    read = {name for expr in obs.queries.values() for name in re.findall(r"pdserve:\w+:\w+", expr)}
+    assert "pdserve:prefill_prompt_tokens:rate1m" in read and read <= recorded, read - recorded
+
+
 def run_observer(url: str):
     async def main():
         obs = PrometheusObserver(url, CFG)
         try:
-            return await obs.observe({"prefill": 2, "decode": 3, "colocated": 0}), obs.last_error
+            sizes, starting = {"prefill": 2, "decode": 3, "colocated": 0}, {"prefill": 1}
+            return await obs.observe(sizes, starting), obs.last_error
         finally:
             await obs.close()
 
@@ -42,6 +56,7 @@ def test_unreachable_prometheus_holds_the_sizes():
     signals, error = run_observer(f"http://127.0.0.1:{closed_port()}")
     assert error and "Connect" in error
     assert (signals.prefill, signals.decode) == (2, 3) and signals.decode_tokens_per_s is None
+    assert signals.totals() == {"prefill": 3, "decode": 3, "colocated": 0}  # a starting worker counts
     state = PolicyState()
     for t in range(0, 300, 10):
         d = decide(signals, state, CFG, now=t)

@@ -1,5 +1,6 @@
-"""The autoscaling policy, table by table: demand rules, min/max, the P:D ratio, scale-out at once and
-scale-in after the window, cooldown, role flips, holding without data, and which worker leaves."""
+"""The autoscaling policy, table by table: demand rules (throughput, backlog, queue, latency rules gated by
+load), min/max, the P:D ratio, starting workers, scale-out at once and scale-in after the window, cooldown,
+role flips, holding without data, and which worker leaves."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ CFG = AutoscalingConfig(
 )  # fmt: skip
 
 
-def sig(p=1, d=1, c=0, tok=50.0, queued=0.0, kv=0.3, ttft=1.0, tpot=1.0) -> Signals:
+RATE = CFG.replace(prefill_tokens_per_s_per_worker=1000, prefill_queue_drain_s=2)
+
+
+def sig(p=1, d=1, c=0, tok=50.0, queued=0.0, kv=0.3, ttft=1.0, tpot=1.0, rate=None, sp=0, sd=0) -> Signals:
     return Signals(p, d, c, decode_tokens_per_s=tok, kv_usage=kv, prefill_tokens_queued=queued,
-                   ttft_attainment=ttft, tpot_attainment=tpot)  # fmt: skip
+                   ttft_attainment=ttft, tpot_attainment=tpot, prompt_tokens_per_s=rate,
+                   starting_prefill=sp, starting_decode=sd)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -25,9 +30,11 @@ def sig(p=1, d=1, c=0, tok=50.0, queued=0.0, kv=0.3, ttft=1.0, tpot=1.0) -> Sign
         (sig(tok=50), {"prefill": 0, "decode": 1}, []),
         (sig(tok=250), {"prefill": 0, "decode": 3}, []),  # ceil(250 / 100)
         (sig(d=2, tok=50, kv=0.95), {"prefill": 0, "decode": 3}, ["kv_usage"]),  # one more than now
-        (sig(d=2, tok=50, tpot=0.5), {"prefill": 0, "decode": 3}, ["tpot_attainment"]),
+        (sig(d=2, tok=150, tpot=0.5), {"prefill": 0, "decode": 3}, ["tpot_attainment"]),  # loaded: 1.5 of 2
+        (sig(d=2, tok=50, kv=0.1, tpot=0.5), {"prefill": 0, "decode": 1}, []),  # idle: misses are not capacity
         (sig(queued=2500), {"prefill": 3, "decode": 1}, []),  # ceil(2500 / 1000)
-        (sig(p=2, queued=0, ttft=0.5), {"prefill": 3, "decode": 1}, ["ttft_attainment"]),
+        (sig(p=2, queued=1500, ttft=0.5), {"prefill": 3, "decode": 1}, ["ttft_attainment"]),
+        (sig(p=2, queued=0, ttft=0.5), {"prefill": 0, "decode": 1}, []),  # an idle pool's misses add nothing
         (sig(c=2, d=0, p=0, tok=50, kv=0.9), {"prefill": 0, "decode": 3}, ["kv_usage"]),  # colocated count
     ],
 )
@@ -36,12 +43,27 @@ def test_demand_rules(s, want, why):
 
 
 @pytest.mark.parametrize(
+    "s, prefill, why",
+    [
+        (sig(rate=2500), 3, []),  # ceil(2500 / 1000 per worker)
+        (sig(rate=None, queued=2500), 3, []),  # no throughput series: the queue alone
+        (sig(p=2, rate=1000, queued=3500), 1, []),  # 2 workers x 1000/s x 2 s clear 4000 queued: no more
+        (sig(p=2, rate=1000, queued=8000), 3, []),  # 4000 beyond that, cleared in 2 s: +2000/s
+        (sig(p=2, rate=1500, ttft=0.5), 3, ["ttft_attainment"]),  # 1.5 of 2 workers' target: loaded
+        (sig(p=2, rate=500, ttft=0.5), 1, []),  # 0.5 of 2: misses are not for want of prefill workers
+    ],
+)
+def test_prefill_demand_from_throughput(s, prefill, why):
+    assert demand(s, RATE) == ({"prefill": prefill, "decode": 1}, why)
+
+
+@pytest.mark.parametrize(
     "s, action, targets",
     [
         (sig(tok=50), "hold", {"prefill": 1, "decode": 1, "colocated": 0}),
         (sig(tok=450, queued=3500), "scale_out", {"prefill": 4, "decode": 5, "colocated": 0}),  # both, at once
         (sig(tok=5000), "scale_out", {"prefill": 2, "decode": 6, "colocated": 0}),  # max_decode; ratio >= 0.25
-        (sig(queued=99000), "scale_out", {"prefill": 2, "decode": 1, "colocated": 0}),  # ratio <= 2 per decode
+        (sig(queued=99000), "scale_out", {"prefill": 4, "decode": 2, "colocated": 0}),  # <= 2 per decode: +1 decode
         (sig(p=0, d=0, c=1, tok=450), "scale_out", {"prefill": 0, "decode": 0, "colocated": 5}),  # colocated pool
         (sig(p=0, d=0, c=2, tok=50, queued=3500), "scale_out", {"prefill": 0, "decode": 0, "colocated": 4}),
     ],
@@ -67,6 +89,29 @@ def test_scale_in_waits_for_the_window_then_goes_one_at_a_time_and_never_below_m
             sizes = {"p": d.targets["prefill"], "d": d.targets["decode"]}
         assert d.action in ("scale_in", "hold"), d
     assert sizes == {"p": 1, "d": 1}  # min_prefill, min_decode
+
+
+@pytest.mark.parametrize(
+    "s, action, targets",
+    [
+        # 1 ready + 2 starting decode workers cover ceil(250 / 100): nothing more while they boot
+        (sig(d=1, sd=2, tok=250), "hold", {"prefill": 1, "decode": 3, "colocated": 0}),
+        (sig(d=1, sd=1, tok=250), "scale_out", {"prefill": 1, "decode": 3, "colocated": 0}),  # one more
+        # low TTFT asks for one more than the 2 ready: the starting one is it
+        (sig(p=2, d=2, sp=1, queued=1500, ttft=0.5), "hold", {"prefill": 3, "decode": 2, "colocated": 0}),
+    ],
+)
+def test_starting_workers_count(s, action, targets):
+    d = decide(s, PolicyState(), CFG, now=1000.0)
+    assert (d.action, d.targets) == (action, targets), d
+
+
+@pytest.mark.parametrize("step, decode", [(1, 4), (2, 3), (8, 2)])
+def test_scale_in_goes_towards_the_window_demand_by_at_most_the_step(step, decode):
+    cfg, state = CFG.replace(scale_in_max_workers=step), PolicyState()
+    for t in range(0, 61, 10):  # 5 decode workers, demand 2 for a whole window
+        d = decide(sig(p=1, d=5, tok=150), state, cfg, now=t)
+    assert d.action == "scale_in" and d.targets["decode"] == decode, d
 
 
 def test_scale_out_ignores_the_window_but_respects_the_cooldown():

@@ -2,11 +2,14 @@
 
 import time
 
+import pytest
+
+from pdserve.config import DisaggConfig
 from pdserve.protocol import BlockRemoved, BlockStored
 from pdserve.scheduler import prefix_index, router
 from pdserve.sim.cluster import ClusterConfig, Simulation
 from pdserve.sim.kvcache import KVCache
-from pdserve.sim.metrics import SLO, summarize
+from pdserve.sim.metrics import SLO, handoff, meets, meets_first_token_held, summarize, tpot, tpot_decode
 from pdserve.sim.model import LatencyModel
 from pdserve.sim.trace import shared_prefix_trace
 
@@ -84,3 +87,37 @@ def test_queued_prefills_weigh_fully_on_decode_workers_and_a_quarter_on_colocate
         assert make_variant("pa_queue").pick([a, b], req, "decode").worker_id == expected
         assert make_variant("pa_queue", colocated_queue_weight=0).pick([a, b], req, "decode").worker_id == expected
     assert make_variant("prefix_aware") is None  # pdserve's own policies are built by the Router
+
+
+def test_handoff_gap_is_split_out_of_tpot():
+    _, reqs, s = simulate("prefix_aware")
+    remote = [r for r in reqs if r.prefill_worker != r.decode_worker]
+    assert len(remote) == len(reqs)
+    for r in remote:  # the first gap holds reserve + transfer: TPOT from the decode start leaves it out
+        assert handoff(r) >= MODEL.transfer_s(r.transfer_tokens) - 1e-12
+        assert tpot(r) - tpot_decode(r) == pytest.approx(handoff(r) / (r.trace.max_tokens - 1))
+    assert s["handoff_p99"] > 0 and s["tpot_decode_p99"] < s["tpot_p99"]
+    assert s["local_prefill_frac_by_reason"] == {}
+
+
+def test_local_prefills_have_no_handoff_and_count_by_reason():
+    _, reqs, s = simulate("prefix_aware", ClusterConfig(num_prefill=0, num_decode=0, num_colocated=3, block_size=16))
+    slo = SLO(1.0, 0.1)
+    assert all(
+        handoff(r) == 0 and tpot_decode(r) == tpot(r) and meets_first_token_held(r, slo) == meets(r, slo) for r in reqs
+    )
+    assert s["slo_attainment_first_token_held"] == s["slo_attainment"] and s["handoff_p99"] is None
+    assert s["local_prefill_frac_by_reason"] == {"colocated": 1.0}
+
+
+def test_decode_workers_take_no_long_local_prefill_when_prefill_is_saturated():
+    # one prefill worker, 197-token prompts arriving fast: its queue passes the saturation threshold at once
+    trace = shared_prefix_trace(40, block_size=16, prefix_blocks=2, unique_blocks=10, groups=40, gap_s=0.01)
+    budget = DisaggConfig(prefill_saturated_tokens=256, local_prefill_step_tokens=64)
+    old = budget.model_copy(update={"local_prefill_step_tokens": 10**9})  # any length, as before the budget
+    runs = {}
+    for name, disagg in (("budget", budget), ("old", old)):
+        cluster = ClusterConfig(num_prefill=1, num_decode=2, block_size=16, report_interval_s=0.01, disagg=disagg)
+        runs[name] = Simulation(trace, MODEL, cluster, "prefix_aware").run()
+    assert all(r.outcome == "finished" and r.reason == "disaggregated" for r in runs["budget"])
+    assert any(r.reason == "prefill_saturated" and r.computed - r.cached_tokens > 64 for r in runs["old"])

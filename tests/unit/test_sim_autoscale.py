@@ -85,7 +85,14 @@ def ramp(seconds: float = 200.0):
     return model, trace, cfg
 
 
-@pytest.mark.parametrize("controller", [PdserveAutoscaler, IndependentAutoscaler])
+def by_throughput(cfg: AutoscalingConfig) -> PdserveAutoscaler:
+    """pdserve's policy sizing prefill by prompt tokens/s (at half a worker's throughput) and scaling in fast."""
+    model, _, _ = ramp()
+    per_s = 0.5 * 120 / model.chunk_s(120, 0)  # the ramp's mean prompt over its prefill time
+    return PdserveAutoscaler(cfg.replace(prefill_tokens_per_s_per_worker=per_s, scale_in_max_workers=3))
+
+
+@pytest.mark.parametrize("controller", [PdserveAutoscaler, by_throughput, IndependentAutoscaler])
 def test_on_a_ramp_the_autoscaler_grows_then_shrinks_and_serves_every_request(controller):
     model, trace, cfg = ramp()
     observer = Observer(SLO(cfg.ttft_slo_s, cfg.tpot_slo_s), window_s=5)
@@ -99,6 +106,8 @@ def test_on_a_ramp_the_autoscaler_grows_then_shrinks_and_serves_every_request(co
     assert max(gpus) >= 4 and gpus[0] == 2 and gpus[-1] < max(gpus)
     assert 0.2 * len(gpus) < peak < 0.8 * len(gpus)  # the peak is in the middle of the ramp
     assert sim.gpu_s < max(gpus) * sim.clock.now  # cheaper than holding the peak throughout
+    assert max(row["prompt_tokens_per_s"] for row in observer.series) > 0
+    assert any(row["starting"] for row in observer.series)
     for w in sim.workers.values():
         assert sim.state[w.worker_id] in ("ready", "stopped", "draining", "starting")
         assert w.cache.num_free == w.cache.num_blocks or sim.state[w.worker_id] != "stopped"

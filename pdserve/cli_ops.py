@@ -1,5 +1,5 @@
 """`pdserve serve` (foreground, or `--detach` into a running cluster) and the commands that operate a running
-deployment by name: status, scale, drain, shutdown."""
+deployment by name: status, scale, drain, shutdown; and `pdserve plan` (layout advice from the simulator)."""
 
 from __future__ import annotations
 
@@ -199,6 +199,12 @@ def shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    from pdserve.sim.plan_cli import run  # the simulator loads only for this command
+
+    return run(args)
+
+
 def add_parsers(sub) -> None:
     def common(p):
         p.add_argument("--name", default="pdserve", help="deployment name (default pdserve)")
@@ -226,3 +232,29 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("shutdown", help="stop every actor of a running deployment")
     common(p)
     p.set_defaults(func=shutdown)
+    add_plan_parser(sub)
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="layout advice: replay a trace through the simulator for every P/D split of N GPUs",
+        description="Replays the trace (Mooncake JSONL or Azure CSV) for every layout of --gpus workers (xPyD, all "
+        "colocated, colocated + P/D mixes); prints SLO attainment, goodput and latency per layout, the best one "
+        "and the P:D ratio bounds for autoscaling.",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace", required=True, help="Mooncake JSONL (timestamp ms, input/output_length, hash_ids) or Azure CSV"
+    )
+    p.add_argument("--gpus", type=int, required=True, help="workers to lay out, one GPU each")
+    p.add_argument("--slo-ttft", type=float, required=True, metavar="S", help="time-to-first-token SLO, seconds")
+    p.add_argument("--slo-tpot", type=float, required=True, metavar="S", help="time-per-output-token SLO, seconds")
+    p.add_argument("--target", type=float, default=0.9, help="share of requests that must meet both (default 0.9)")
+    p.add_argument("--calibration", default="h100", help="latency model: h100, cpu or a calibration JSON file")
+    p.add_argument("--rate-scale", type=float, default=1.0, metavar="X", help="attainment at X times the trace's rate")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N requests of the trace")
+    p.add_argument("--block-size", type=int, default=512, help="KV block tokens (Mooncake: < 512 scales prompts down)")
+    p.add_argument("--policy", default="prefix_aware", help="routing policy (default prefix_aware)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="processes searching layouts in parallel (default 2)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
+    p.set_defaults(func=plan)

@@ -59,6 +59,9 @@ SHOWN = (
     "pdserve_migration_seconds",
     "pdserve_migration_stages",
     "pdserve_migration_bytes_total",
+    "pdserve_autoscaler_desired_workers",
+    "pdserve_autoscaler_decisions_total",
+    "pdserve_worker_generated_tokens_total",
 )
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 

@@ -29,6 +29,7 @@ class Autoscaler:
         self.decisions: list[dict] = []  # the latest, for status and tests
         self._failures = 0
         self._not_before = 0.0
+        self._acting_since: float | None = None  # the last action, until the deployment has settled
 
     def sizes(self) -> dict[str, int]:
         """Ready workers per role: what serves now (starting and draining ones do not count)."""
@@ -52,8 +53,14 @@ class Autoscaler:
                 log.exception("autoscaler pass failed")
 
     async def step(self, now: float) -> Decision | None:
-        if now < self._not_before or not self.settled():
-            return None  # backing off after a failure, or the last action is still taking effect
+        if now < self._not_before:
+            return None  # backing off after a failure
+        if not self.settled():  # the last action is still taking effect (a start the lifecycle retries)
+            if self._acting_since is not None and now - self._acting_since > self.cfg.action_timeout_s:
+                self._acting_since = None
+                self._report_failure(now, "action_timeout", f"not settled after {self.cfg.action_timeout_s:.0f} s")
+            return None
+        self._acting_since = None
         sizes = self.sizes()
         signals = await self.observer.observe(sizes)
         decision = decide(signals, self.state, self.cfg, now)
@@ -70,20 +77,34 @@ class Autoscaler:
         log.info("autoscaler: %s (%s) -> %s; signals %s", decision.action, decision.reason, decision.targets, signals)
         try:
             await self.act(decision)
-            self._failures = 0
+            self._failures, self._acting_since = 0, now
         except Exception as e:
-            delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
-            self._failures += 1
-            self._not_before = time.monotonic() + delay
-            self.state.last_action_at = float("-inf")  # the next pass may try again
-            log.warning("autoscaler action %s failed (%r); retrying in %.0f s", decision.action, e, delay)
+            self._report_failure(now, decision.action, repr(e))
         return decision
+
+    def _report_failure(self, now: float, what: str, error: str) -> None:
+        """An action that raised, or one that did not settle within action_timeout_s: logged, exported
+        (decisions_total{action="failed"}), and the next decision waits out a growing backoff."""
+        delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
+        self._failures += 1
+        self._not_before = now + delay
+        self.state.last_action_at = float("-inf")  # the next pass may try again
+        self.metrics.autoscaler_decisions.labels("failed", what).inc()
+        self.decisions = [*self.decisions[-99:], {"time": time.time(), "action": "failed", "reason": what,
+                                                  "error": error, "retry_in_s": delay}]  # fmt: skip
+        log.warning("autoscaler: %s failed (%s); next decision in %.0f s", what, error, delay)
 
     async def act(self, d: Decision) -> None:
         if d.action == "scale_out":
+            before = dict(self.registry.targets)
             self.registry.set_targets(**d.targets)
-            self.lifecycle.publish_targets()
-            self.lifecycle.reconcile(self.serve_http)
+            try:
+                self.lifecycle.publish_targets()
+                self.lifecycle.reconcile(self.serve_http)
+            except Exception:  # back to what was there: the retry raises them again
+                self.registry.set_targets(**before)
+                self.lifecycle.publish_targets()
+                raise
         elif d.action == "scale_in":
             role = next(r for r in d.targets if d.targets[r] < self.registry.targets[r])
             await self.lifecycle.remove(self._leaver(role))  # drains by migration; the target drops by one

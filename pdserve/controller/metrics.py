@@ -134,7 +134,8 @@ class ControllerMetrics:
         )
         self.autoscaler_decisions = Counter(
             "pdserve_autoscaler_decisions_total",
-            "Autoscaler decisions by action (hold, scale_out, scale_in, flip) and reason",
+            "Autoscaler decisions by action (hold, scale_out, scale_in, flip; failed: an action that raised or"
+            " did not settle in time) and reason",
             ["action", "reason"],
             registry=r,
         )

@@ -174,8 +174,13 @@ def test_draining_a_busy_worker_migrates_its_requests(runner):
             streams = [Stream(dep.client, f"drain-{k}", k % 4, params) for k in range(32)]
             for s in streams:
                 await s.until(3)
-            st = await dep.controller.status.remote()
-            busy = max((w for w in st["workers"] if w["state"] == "ready"), key=lambda w: w["running"])
+            deadline = time.monotonic() + 15  # status shows the workers' last reports: wait for one with them
+            while True:
+                st = await dep.controller.status.remote()
+                busy = max((w for w in st["workers"] if w["state"] == "ready"), key=lambda w: w["running"])
+                if busy["running"] >= 16 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             assert busy["running"] >= 16, st["workers"]
             t0 = time.monotonic()
             await dep.controller.drain.remote(busy["worker_id"])

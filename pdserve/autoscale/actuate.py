@@ -107,7 +107,8 @@ class Autoscaler:
                 raise
         elif d.action == "scale_in":
             role = next(r for r in d.targets if d.targets[r] < self.registry.targets[r])
-            await self.lifecycle.remove(self._leaver(role))  # drains by migration; the target drops by one
+            for _ in range(self.registry.targets[role] - d.targets[role]):  # up to scale_in_max_workers
+                await self.lifecycle.remove(self._leaver(role))  # drains by migration; the target drops by one
         elif d.action == "flip":
             frm, to = d.flip
             await self.lifecycle.remove(self._leaver(frm))  # its GPU is free once it has drained and stopped

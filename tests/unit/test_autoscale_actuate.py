@@ -106,3 +106,10 @@ def test_no_data_holds_and_a_failing_scale_in_never_goes_below_min():
     for t in range(1, 10):
         asyncio.run(auto.step(float(t)))
     assert len(fake.removed) == 1 and auto.sizes()["decode"] == 1
+
+
+def test_scale_in_removes_up_to_scale_in_max_workers():
+    fake = Fake(decode=4, tokens_per_s=0.0)
+    auto, _ = autoscaler(fake, scale_in_max_workers=2)
+    assert asyncio.run(auto.step(0.0)).targets["decode"] == 2
+    assert len(fake.removed) == 2 and auto.sizes()["decode"] == 2 and auto.settled()

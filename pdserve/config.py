@@ -132,6 +132,9 @@ class FrontendConfig(Section):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/*")
     served_model_name: str | None = Field(None, description="the model name clients send (default: model id)")
     max_pending: int = Field(1024, gt=0, description="requests in flight per frontend before 429")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources each frontend needs: pins them to nodes a Service reaches"
+    )
 
 
 class FailureConfig(Section):
@@ -145,6 +148,9 @@ class ControllerConfig(Section):
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of the controller (-1: unlimited)")
     worker_start_timeout_s: float = Field(300.0, gt=0, description="a worker not ready by then is replaced")
     drain_timeout_s: float = Field(300.0, gt=0, description="a draining worker is stopped after this long")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources the controller needs: pins it (and its /metrics) to a node"
+    )
 
 
 class MigrationConfig(Section):
@@ -200,6 +206,10 @@ class AutoscalingConfig(Section):
     scale_in_max_workers: int = Field(1, ge=1, description="most workers one scale-in removes from each pool")
     cooldown_s: float = Field(30.0, ge=0, description="no new action this long after one")
     flip_roles: bool = Field(True, description="move a worker from a pool with slack to a short one")
+    max_workers: int = Field(
+        0, ge=0, description="most workers in all pools together (the GPU budget); 0: no budget. At the budget a "
+        "short pool waits for a flip from a pool with slack"
+    )  # fmt: skip
     action_timeout_s: float = Field(300.0, gt=0, description="an action not done by then is retried")
 
 

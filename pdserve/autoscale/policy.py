@@ -13,8 +13,9 @@ the pool's, so a scale-out is not repeated while they boot (a +1 rule asks for o
 workers, so it waits for them too). Scale out at once; scale in only when the highest demand over the last
 `scale_in_window_s` is below the current size (Kubernetes' stabilization): one pool per action, by at most
 `scale_in_max_workers`; `cooldown_s` after any action. When one pool is short and the other has slack, a
-worker changes role instead of a new one being added. Without data the sizes hold: missing signals never
-scale anything in.
+worker changes role instead of a new one being added. With a GPU budget (`max_workers`, Dynamo's planner
+has one too) a scale-out adds only what fits, and a short pool at the budget waits for a flip. Without
+data the sizes hold: missing signals never scale anything in.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ def decide(s: Signals, state: PolicyState, cfg: AutoscalingConfig, now: float) -
         return Decision("flip", f"{to}_short_{frm}_slack", targets, desired, flip=(frm, to))
     if short:
         targets = {r: max(current[r], now_targets[r]) for r in current}
+        if cfg.max_workers:  # within the GPU budget, the first short pool first
+            room = cfg.max_workers - sum(current.values())
+            for r in short:
+                targets[r] = current[r] + max(0, min(targets[r] - current[r], room))
+                room -= targets[r] - current[r]
+            if targets == current:
+                return Decision("hold", "max_workers", current, desired)
         state.last_action_at = now
         return Decision("scale_out", "+".join(why) or "demand", targets, desired)
     if slack:  # the pool with the most slack, towards the window's demand

@@ -103,6 +103,7 @@ async def deploy(
         lifetime="detached",
         max_restarts=config.controller.max_restarts,
         max_task_retries=-1,
+        resources=dict(config.controller.resources),
     ).remote(config.model_dump(mode="json"), serve_http)
     dep = Deployment(config, controller, started)
     try:

@@ -51,7 +51,10 @@ class Frontends:
         from pdserve.cluster.frontend import FrontendActor
 
         handle = FrontendActor.options(
-            name=frontend_actor_name(self.config.name, index), namespace=NAMESPACE, lifetime="detached"
+            name=frontend_actor_name(self.config.name, index),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            resources=dict(self.config.frontend.resources),
         ).remote(self.config.model_dump(mode="json"), index)
         self.frontends[index] = {"handle": handle, "url": None, "state": "starting", "pid": 0}
         self._spawn(self._run(index, handle))

@@ -137,6 +137,21 @@ def test_a_short_pool_takes_a_worker_from_a_pool_with_slack():
     assert decide(sig(p=3, d=3, tok=390), state, off, now=70).action == "scale_out"
 
 
+def test_at_the_gpu_budget_a_short_pool_waits_for_a_flip():
+    budget = CFG.replace(max_workers=6)
+    state = PolicyState()
+    out = decide(sig(p=2, d=3, tok=550), state, budget, now=0)  # decode wants 6: only one more fits
+    assert out.action == "scale_out" and out.targets == {"prefill": 2, "decode": 4, "colocated": 0}, out
+    state = PolicyState()
+    for t in range(0, 60, 10):  # decode short at the budget; prefill's slack not yet stable for a window
+        d = decide(sig(p=3, d=3, tok=390, queued=0), state, budget, now=t)
+        assert (d.action, d.reason) == ("hold", "max_workers"), (t, d)
+    d = decide(sig(p=3, d=3, tok=390, queued=0), state, budget, now=60)
+    assert d.action == "flip" and d.targets == {"prefill": 2, "decode": 4, "colocated": 0}, d
+    unbounded = PolicyState()
+    assert decide(sig(p=3, d=3, tok=390, queued=0), unbounded, CFG, now=0).action == "scale_out"
+
+
 @pytest.mark.parametrize("missing", ["everything", "unreachable"])
 def test_no_data_holds_the_current_sizes(missing):
     state = PolicyState()

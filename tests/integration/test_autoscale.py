@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import threading
 import time
 
 import httpx
@@ -17,6 +15,7 @@ import ray
 
 from pdserve.controller.deploy import deploy
 from tests.conftest import serve_config
+from tests.loadgen import Load, free_port, wait
 
 pytestmark = [
     pytest.mark.ray,
@@ -27,47 +26,6 @@ pytestmark = [
         reason="needs the prometheus binary (.ci/run installs it; as root: apt-get install prometheus)",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Load:
-    """`concurrency` loops streaming completions until stopped; every non-200 or broken stream is kept."""
-
-    def __init__(self, url: str, concurrency: int) -> None:
-        self.url, self.stop, self.done, self.failures = url, threading.Event(), 0, []
-        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(concurrency)]
-        for t in self.threads:
-            t.start()
-
-    def _loop(self, i: int) -> None:
-        body = {"model": "pdserve-demo", "prompt": f"load {i} " * 8, "max_tokens": 48, "ignore_eos": True}
-        with httpx.Client(timeout=120) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post(f"{self.url}/v1/completions", json=body)
-                    if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 48:
-                        self.failures.append(r.text[:300])
-                    self.done += 1
-                except Exception as e:  # a dropped connection is a failure too
-                    self.failures.append(repr(e))
-
-    def end(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-
-
-def wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 def test_pools_grow_under_load_and_shrink_back_to_min(tmp_path):
@@ -122,6 +80,76 @@ def test_pools_grow_under_load_and_shrink_back_to_min(tmp_path):
             return r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) >= 2
 
         wait(seen_in_prometheus, 30, "Prometheus to have recorded the grown pool")
+    finally:
+        if dep is not None:
+            asyncio.run(dep.shutdown())
+        ray.shutdown()
+        prom.stop()
+
+
+def test_a_prefill_worker_flips_to_decode_when_the_load_turns_decode_heavy(tmp_path):
+    """2P1D at a GPU budget of 3: long prompts with short outputs keep both prefill workers busy; then short
+    prompts with long outputs make decode short while prefill has slack. With no GPU to add, the autoscaler
+    waits for prefill's slack to hold for the window, then drains a prefill worker (by migration) and starts
+    a decode worker in its place, which serves; no request fails."""
+    from pdserve.autoscale.local_prometheus import LocalPrometheus
+
+    port, metrics_port = free_port(), free_port()
+    prom = LocalPrometheus([f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}"], interval_s=1, rule_window="10s")
+    prom.wait_ready()
+    auto = {
+        "enabled": True, "prometheus_url": prom.url, "interval_s": 1.0, "decode_tokens_per_worker": 40,
+        "prefill_tokens_per_s_per_worker": 2000, "min_prefill": 1, "max_prefill": 2, "min_decode": 1,
+        "max_decode": 2, "max_workers": 3, "scale_in_window_s": 8, "cooldown_s": 2, "ttft_slo_s": 40,
+        "tpot_slo_s": 5, "flip_roles": True,
+    }  # fmt: skip
+    cfg = serve_config(
+        engine={"num_kv_blocks": 1024}, pools={"prefill": 2, "decode": 1}, autoscaling=auto,
+        frontend={"port": port, "host": "127.0.0.1"}, controller={"metrics_port": metrics_port},
+    )  # fmt: skip
+    ray.init(num_cpus=10, include_dashboard=False, namespace="pdserve-test-autoscale")
+    dep = None
+    try:
+        dep = asyncio.run(deploy(cfg, serve_http=True))
+
+        def st():
+            return ray.get(dep.controller.status.remote())
+
+        def ready(role):
+            return [w for w in st()["workers"] if w["role"] == role and w["state"] == "ready"]
+
+        def actions():
+            return [d["action"] for d in ray.get(dep.controller.autoscaler_decisions.remote())]
+
+        first_decode = {w["worker_id"] for w in ready("decode")}
+        url = f"http://127.0.0.1:{port}"
+        heavy = Load(url, concurrency=4, prompt_words=200, max_tokens=2)  # prefill-heavy: ~1k-token prompts
+        try:
+            time.sleep(20)  # longer than the window: both prefill workers stay wanted
+            assert {"scale_in", "flip"}.isdisjoint(actions()), ray.get(dep.controller.autoscaler_decisions.remote())
+        finally:
+            heavy.end()
+        light = Load(url, concurrency=6, prompt_words=4, max_tokens=48)  # decode-heavy
+        try:
+            wait(
+                lambda: "flip" in actions(),
+                120,
+                "a flip",
+                lambda: ray.get(dep.controller.autoscaler_decisions.remote())[-3:],
+            )
+            new = wait(lambda: [w for w in ready("decode") if w["worker_id"] not in first_decode
+                                and w["requests_total"] > 0], 120, "the flipped worker serving decode")  # fmt: skip
+        finally:
+            light.end()
+        assert heavy.done > 0 and light.done > 0, (heavy.done, light.done)
+        assert not heavy.failures and not light.failures, (heavy.failures + light.failures)[:3]
+        decisions = ray.get(dep.controller.autoscaler_decisions.remote())
+        flip = next(d for d in decisions if d["action"] == "flip")
+        assert flip["reason"] == "decode_short_prefill_slack", flip
+        assert flip["targets"] == {"prefill": 1, "decode": 2, "colocated": 0}, flip
+        assert "scale_out" not in [d["action"] for d in decisions], decisions  # no GPU beyond the budget
+        assert len(ready("prefill")) == 1 and len(ready("decode")) == 2, st()["workers"]
+        assert new, st()["workers"]
     finally:
         if dep is not None:
             asyncio.run(dep.shutdown())

@@ -46,7 +46,7 @@ def _local_prometheus(config):
     targets = [f"127.0.0.1:{fe.port + i}" for i in range(fe.frontends)] + [
         f"127.0.0.1:{config.controller.metrics_port}"
     ]
-    prom = LocalPrometheus(targets).wait_ready()
+    prom = LocalPrometheus(targets, deployment=config.name).wait_ready()
     print(f"pdserve: autoscaling from a local Prometheus on {prom.url} (scraping {', '.join(targets)})", flush=True)
     auto = config.autoscaling.model_copy(update={"prometheus_url": prom.url})
     return config.model_copy(update={"autoscaling": auto}), prom

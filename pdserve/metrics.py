@@ -107,6 +107,8 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        for cause in ("before_first_token", "mid_stream"):  # zeros before the first retry
+            self.request_retries.labels(cause)
 
         # ---- per-worker gauges of an in-process engine (LocalClient.stats()); a deployment's per-worker
         # series come from its controller instead, once however many frontends run --------------------------------

@@ -97,6 +97,9 @@ class ControllerMetrics:
             ["role", "cause"],
             registry=r,
         )
+        for role in ROLES:  # zeros, not absent series: a panel or alert on deaths has data before the first
+            for cause in ("actor_died", "heartbeat_timeout", "start_failed"):
+                self.worker_deaths.labels(role, cause)
 
         self.migrations = Counter(
             "pdserve_migrations_total",

@@ -23,7 +23,7 @@ PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 RULES = ROOT / "deploy" / "rules" / "pdserve.rules.yml"
 RULES_TESTS = ROOT / "deploy" / "rules" / "pdserve.rules.test.yml"  # run by `promtool test rules`
 
-TARGET_LABELS = {"job", "instance"}  # attached by Prometheus to every scraped series
+TARGET_LABELS = {"job", "instance", "deployment"}  # attached by Prometheus (deployment: by the scrape config)
 BUILTIN_SERIES = {"up"}  # written by Prometheus for every target
 # The dashboard must show these. A fixed list, so a metric added to pdserve/metrics.py fails nothing here
 # before it gets a panel.
@@ -222,3 +222,17 @@ def test_prometheus_config(rules):
     assert RULES in matched  # rule_files are relative to the config file
     # The alerts' target selector matches the scrape job.
     assert any('job="pdserve"' in r["expr"] for r in rules if "alert" in r)
+
+
+def test_local_prometheus_runs_the_shipped_config():
+    from pdserve.autoscale.local_prometheus import prometheus_config
+
+    shipped = yaml.safe_load(PROMETHEUS.read_text())
+    local = prometheus_config(["127.0.0.1:18000", "127.0.0.1:19400"], interval_s=1)
+    (job,) = local["scrape_configs"]
+    assert job["job_name"] == "pdserve" and job["metrics_path"] == shipped["scrape_configs"][0]["metrics_path"]
+    assert job["static_configs"] == [
+        {"targets": ["127.0.0.1:18000", "127.0.0.1:19400"], "labels": {"deployment": "pdserve"}}
+    ]
+    assert job["scrape_interval"] == local["global"]["evaluation_interval"] == "1s" and job["scrape_timeout"] == "1s"
+    assert local["rule_files"] == ["pdserve.rules.yml"]

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import serve_autoscale
 import serve_faults
 from common import Server, build_random_llama, print_table, write_json
 from serve_load import Req, run_load, scrape_all, server_side, set_arrivals, summarize, workload
@@ -218,6 +219,7 @@ def main() -> None:
     ap.add_argument("--client-nice", type=int, default=-5, help="load generator's niceness while measuring")
     ap.add_argument("--out", help="result name under bench/results/ (default: serve[-compare|-TRACE|-faults])")
     serve_faults.add_args(ap)
+    serve_autoscale.add_args(ap)
     args = ap.parse_args()
     args.layout = args.layout or ("pd2" if args.kill else "pd")
     if args.kill and (args.compare or args.trace or (args.rates and "," in args.rates)):
@@ -232,6 +234,9 @@ def main() -> None:
     elif not (args.concurrency or args.trace):
         args.rates = [2.0]
     served, vocab = model_args(args)
+    if args.autoscale:
+        meta = {"command": shlex.join(sys.argv), "source": _source(args.server_src), "workload": describe(args, vocab)}
+        return serve_autoscale.run(args, served + LAYOUTS[args.layout] + shlex.split(args.server_args), vocab, meta)
     if args.kill:
         meta = {"command": shlex.join(sys.argv), "source": _source(args.server_src), "workload": describe(args, vocab)}
         return serve_faults.run(args, served + LAYOUTS[args.layout] + shlex.split(args.server_args), vocab, meta)

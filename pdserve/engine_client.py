@@ -42,9 +42,10 @@ class EngineClient(Protocol):
     info: ModelInfo
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> AsyncIterator[TokenDelta]:
-        """Stream one request's deltas; validation already passed."""
+        """Stream one request's deltas; validation already passed. Requests share prefix-cached KV (on any
+        worker, and in routing) only under the same `cache_salt`."""
 
     async def check_ready(self) -> None:
         """Raise ServiceUnavailable unless workers that can prefill and decode are ready now."""

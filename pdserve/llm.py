@@ -35,20 +35,25 @@ class LLM:
     def is_demo(self) -> bool:
         return self.engine.is_demo
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *, cache_salt: str | None = None
+    ) -> list[RequestOutput]:
+        """`cache_salt`: these prompts share prefix-cached KV only with prompts run under the same salt."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(prompts, list) and not prompts:
             raise ValueError("prompts is empty")
         token_lists = [self.engine.info.encode_prompt(p) for p in prompts]
-        return self._run([p if isinstance(p, str) else None for p in prompts], token_lists, params)
+        return self._run([p if isinstance(p, str) else None for p in prompts], token_lists, params, cache_salt)
 
-    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages, params: SamplingParams | list[SamplingParams] | None = None, *, cache_salt: str | None = None
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_lists = [self.engine.info.encode_chat(conv) for conv in conversations]
-        return self._run([None] * len(token_lists), token_lists, params)
+        return self._run([None] * len(token_lists), token_lists, params, cache_salt)
 
-    def _run(self, texts, token_lists, params) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, params, cache_salt: str | None) -> list[RequestOutput]:
         params = params if params is not None else SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(token_lists)
         if len(plist) != len(token_lists):
@@ -71,7 +76,7 @@ class LLM:
                 num_cached_tokens=0,
                 logprobs=[] if p.logprobs is not None else None,
             )
-            self.engine.add_request(rid, ids, p)
+            self.engine.add_request(rid, ids, p, cache_salt=cache_salt)
         try:
             while self.engine.has_unfinished():
                 for d in self.engine.step():

@@ -9,6 +9,8 @@ import math
 
 import msgspec
 
+from pdserve.hashing import BlockHash
+
 
 class SamplingParams(msgspec.Struct, kw_only=True):
     """How to sample one request. vLLM's names and defaults; `validate()` raises ValueError naming the field."""
@@ -94,6 +96,7 @@ class ExportedRequest(msgspec.Struct, kw_only=True):
     block_size: int = 16
     model_id: str = ""
     text_emitted: int = 0  # characters of output text the sender already released (the rest it held back)
+    cache_salt: str | None = None  # the receiver caches (and reuses) its KV under the same salt
 
 
 class KVEvent(msgspec.Struct, kw_only=True, tag=True):
@@ -101,12 +104,12 @@ class KVEvent(msgspec.Struct, kw_only=True, tag=True):
 
 
 class BlockStored(KVEvent, kw_only=True):
-    block_hashes: list[int]
-    parent_hash: int | None
+    block_hashes: list[BlockHash]
+    parent_hash: BlockHash | None
 
 
 class BlockRemoved(KVEvent, kw_only=True):
-    block_hashes: list[int]
+    block_hashes: list[BlockHash]
 
 
 class AllBlocksCleared(KVEvent, kw_only=True):
@@ -170,6 +173,7 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     params: SamplingParams
     arrival_time: float = 0.0  # wall clock at the API server
     reply_to: str = ""  # the frontend whose outbox on the worker gets this request's tokens
+    cache_salt: str | None = None  # shares prefix-cached KV only with requests under the same salt
 
 
 class KVHandoff(msgspec.Struct, kw_only=True):
@@ -206,6 +210,7 @@ class MigrationStage(msgspec.Struct, kw_only=True):
     start: int
     token_ids: list[int]
     src_block_ids: list[int]
+    cache_salt: str | None = None  # the request's: the target's prefix-cache lookup is under it
 
 
 class MigrationFinal(msgspec.Struct, kw_only=True):
@@ -277,7 +282,7 @@ class RouteRequest(msgspec.Struct, kw_only=True):
     request_id: str
     num_prompt_tokens: int
     max_tokens: int
-    block_hashes: list[int] = msgspec.field(default_factory=list)  # the prompt's full blocks (hashing.py)
+    block_hashes: list[BlockHash] = msgspec.field(default_factory=list)  # the prompt's full blocks (hashing.py)
 
 
 class Route(msgspec.Struct, kw_only=True):

@@ -93,7 +93,7 @@ class ClusterClient:
 
     # ---- requests -------------------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> AsyncIterator[TokenDelta]:
         arrival = time.time()
         sent: list[int] = []
@@ -107,7 +107,7 @@ class ClusterClient:
                 return
             base = len(sent)  # a continuation's own token indices start after what was sent
             try:
-                async for d in self._attempt(request_id, attempt, prompt_token_ids, params, sent, arrival):
+                async for d in self._attempt(request_id, attempt, prompt_token_ids, params, sent, arrival, cache_salt):
                     d = stream.accept(d, base)
                     if d is None:
                         continue
@@ -128,14 +128,15 @@ class ClusterClient:
                 if self.metrics is not None:
                     self.metrics.request_retries.labels(cause).inc()
 
-    async def _attempt(self, request_id, attempt, prompt, params, sent, arrival) -> AsyncIterator[TokenDelta]:
+    async def _attempt(self, request_id, attempt, prompt, params, sent, arrival, salt) -> AsyncIterator[TokenDelta]:
         rid = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
         if sent:  # continue after the tokens the client has: recompute them as part of the prompt
             prompt = prompt + sent
             params = msgspec.structs.replace(params, max_tokens=params.max_tokens - len(sent))
         req = EngineRequest(
-            request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival, reply_to=self.members.consumer
-        )
+            request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival,
+            reply_to=self.members.consumer, cache_salt=salt,
+        )  # fmt: skip
         route = await self._route(req)
         expected = 0  # the next token index this attempt's stream must deliver
         queue: asyncio.Queue = asyncio.Queue()
@@ -182,7 +183,8 @@ class ClusterClient:
                         handle.abort.remote([rid])
 
     async def _route(self, req: EngineRequest) -> Route:
-        hashes = block_hashes(req.prompt_token_ids, self.block_size, self._root)
+        root = self._root if req.cache_salt is None else root_hash(self.info.model_id, req.cache_salt)
+        hashes = block_hashes(req.prompt_token_ids, self.block_size, root)  # as the engines hash them
         rr = RouteRequest(
             request_id=req.request_id,
             num_prompt_tokens=len(req.prompt_token_ids),

@@ -21,6 +21,7 @@ from pdserve.config import ROLES, ServeConfig
 from pdserve.controller.lifecycle import Lifecycle
 from pdserve.controller.metrics import ControllerMetrics
 from pdserve.controller.registry import Registry
+from pdserve.hashing import BlockHash
 from pdserve.protocol import KVEventBatch, MigrationRecord, RouteRequest, WorkerStats
 from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
 
@@ -113,7 +114,7 @@ class Controller:
         rec.last_report, rec.stats = time.monotonic(), stats
         return self.router.report(stats, events)
 
-    async def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
+    async def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[BlockHash]) -> None:
         await self._ready()
         self.router.resync(worker_id, epoch, seq, hashes)
 

@@ -19,7 +19,7 @@ from pdserve.engine.model_runner import ModelRunner, num_kv_blocks
 from pdserve.engine.sampler import compute_logprobs, sample
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Request, Role, Status
-from pdserve.hashing import root_hash
+from pdserve.hashing import BlockHash, root_hash
 from pdserve.protocol import KVEvent, SamplingParams, TokenDelta
 
 
@@ -37,8 +37,7 @@ class LLMEngine(HandoffMixin):
         blocks = num_kv_blocks(config, loaded.model, info.max_model_len, self.device)
         self.runner = ModelRunner(loaded.model, config, blocks, self.device)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
-        self.root = root_hash(self.model_id)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.root)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.eos_token_ids = info.eos_token_ids
@@ -61,23 +60,35 @@ class LLMEngine(HandoffMixin):
                 f"(num_kv_blocks={self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
             )
 
-    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role) -> Request:
+    def _new_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role, cache_salt: str | None
+    ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
         )
-        return Request(request_id, prompt_token_ids, params, role, detok, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        root = root_hash(self.model_id, cache_salt)
+        return Request(request_id, prompt_token_ids, params, role, detok, generator, root, cache_salt)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, role: Role | str = Role.COLOCATED
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        role: Role | str = Role.COLOCATED,
+        cache_salt: str | None = None,
     ) -> None:
+        """`cache_salt`: requests share prefix-cached KV only with requests under the same salt (None is one)."""
         role = _role(role)
         if role is Role.DECODE:
             raise ValueError("a decode-role request enters by import_request, not add_request")
         self.validate(prompt_token_ids, params)
-        req = self._new_request(request_id, prompt_token_ids, params, role)
+        req = self._new_request(request_id, prompt_token_ids, params, role, cache_salt)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -157,8 +168,8 @@ class LLMEngine(HandoffMixin):
     def _cache_full_blocks(self, req: Request) -> None:
         full = req.num_computed_tokens // self.blocks.block_size
         if full > req.num_cached_blocks:
-            hashes = req.update_hashes(self.blocks.block_size, self.root)
-            self.blocks.cache_blocks(req.block_ids, hashes, req.num_cached_blocks, full, self.root)
+            hashes = req.update_hashes(self.blocks.block_size)
+            self.blocks.cache_blocks(req.block_ids, hashes, req.all_token_ids, req.num_cached_blocks, full, req.root)
             req.num_cached_blocks = full
 
     def _finish(self, req: Request, reason: str) -> TokenDelta:
@@ -191,7 +202,7 @@ class LLMEngine(HandoffMixin):
         self.blocks.record_events = True
         return self.blocks.take_events()
 
-    def kv_snapshot(self) -> list[int]:
+    def kv_snapshot(self) -> list[BlockHash]:
         """All cached block hashes, and a fresh start for the event stream (taken together, atomically)."""
         self.take_kv_events()
         return self.blocks.cached_hashes()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.sequence import Role, Status
-from pdserve.hashing import block_hashes
+from pdserve.hashing import block_hashes, root_hash
 from pdserve.protocol import ExportedRequest, KVReservation
 
 _LIVE = (Status.WAITING, Status.RUNNING, Status.HELD)
@@ -19,7 +19,7 @@ class OutOfKVBlocks(RuntimeError):
 
 
 class HandoffMixin:
-    """Mixed into LLMEngine (which provides requests, blocks, scheduler, root, model_id, ...)."""
+    """Mixed into LLMEngine (which provides requests, blocks, scheduler, model_id, ...)."""
 
     # ---- sender ------------------------------------------------------------------------------------
     def export_request(self, request_id: str) -> tuple[ExportedRequest, list[int]]:
@@ -41,6 +41,7 @@ class HandoffMixin:
             block_size=self.blocks.block_size,
             model_id=self.model_id,
             text_emitted=req.detokenizer.emitted,
+            cache_salt=req.cache_salt,
         )
         return record, req.block_ids[:n]
 
@@ -57,13 +58,13 @@ class HandoffMixin:
         self.scheduler.running.append(req)
         return True
 
-    def pin_full_blocks(self, request_id: str, start: int) -> tuple[list[int], list[int], int] | None:
+    def pin_full_blocks(self, request_id: str, start: int) -> tuple[list[int], list[int], int, str | None] | None:
         """Live migration, a stage on the sender: the request's full blocks from position `start` on (their
         KV never changes again) with a reference taken on each, so they outlive the request if it ends
         before the copy does; and the tokens those blocks cover, from the first. None unless the request
         is running or parked here with at least `start` full blocks (it finished, was aborted or preempted).
-        Also returns how many blocks its KV fills now (the last one may be partly filled). Drop the
-        references with `unpin`."""
+        Also returns how many blocks its KV fills now (the last one may be partly filled), and its cache
+        salt. Drop the references with `unpin`."""
         req = self.requests.get(request_id)
         if req is None or req.status not in (Status.RUNNING, Status.HELD) or req.role is Role.PREFILL:
             return None
@@ -73,7 +74,7 @@ class HandoffMixin:
         ids = req.block_ids[start:full]
         self.blocks.touch(ids)
         bs = self.blocks.block_size
-        return ids, req.all_token_ids[: full * bs], -(-req.num_computed_tokens // bs)
+        return ids, req.all_token_ids[: full * bs], -(-req.num_computed_tokens // bs), req.cache_salt
 
     def unpark(self, request_id: str) -> None:
         """A parked request that did not migrate runs here again (and is preempted, not parked, next time)."""
@@ -93,14 +94,18 @@ class HandoffMixin:
         ]
 
     # ---- receiver ----------------------------------------------------------------------------------
-    def stage_blocks(self, token_ids: list[int], have: list[int]) -> tuple[list[int], int]:
+    def stage_blocks(
+        self, token_ids: list[int], have: list[int], cache_salt: str | None = None
+    ) -> tuple[list[int], int]:
         """Live migration, a stage on the receiver: blocks for the full blocks of `token_ids` past the
-        `have` ones already staged. Blocks this engine's prefix cache holds are reused (a reference taken);
-        the rest are allocated. Returns (new block ids, how many of them came from the cache: those lead
-        the list and need no copy). Raises OutOfKVBlocks and changes nothing when they do not fit."""
+        `have` ones already staged. Blocks this engine's prefix cache holds under the request's `cache_salt`
+        are reused (a reference taken); the rest are allocated. Returns (new block ids, how many of them came
+        from the cache: those lead the list and need no copy). Raises OutOfKVBlocks and changes nothing when
+        they do not fit."""
         bs = self.blocks.block_size
-        hashes = block_hashes(token_ids, bs, self.root)[: len(token_ids) // bs]
-        cached = self.blocks.cached_prefix(hashes)[len(have) :]
+        root = root_hash(self.model_id, cache_salt)
+        hashes = block_hashes(token_ids, bs, root)[: len(token_ids) // bs]
+        cached = self.blocks.cached_prefix(hashes, token_ids, root)[len(have) :]
         need = len(hashes) - len(have) - len(cached)
         reclaimed = sum(self.blocks.blocks[b].ref_cnt == 0 for b in cached)
         if need < 0 or not self.blocks.can_allocate(max(need, 0) + reclaimed):
@@ -122,7 +127,9 @@ class HandoffMixin:
                 f"{record.block_size}, this engine serves {self.model_id!r} with block_size {self.blocks.block_size}"
             )
         self.validate(record.prompt_token_ids, record.params)
-        req = self._new_request(record.request_id, record.prompt_token_ids, record.params, Role.DECODE)
+        req = self._new_request(
+            record.request_id, record.prompt_token_ids, record.params, Role.DECODE, record.cache_salt
+        )
         for token in record.output_token_ids:
             req.append_token(token)
             req.detokenizer.add(token)
@@ -132,14 +139,14 @@ class HandoffMixin:
         req.num_cached_tokens = record.num_cached_tokens
         req.admitted = True
         bs = self.blocks.block_size
-        hashes = req.update_hashes(bs, self.root)
+        hashes = req.update_hashes(bs)
         total = -(-record.num_computed_tokens // bs)
         if have is not None:
             if len(have) > total:
                 raise ValueError(f"{len(have)} staged blocks for {record.request_id!r}, its KV fills {total}")
             cached, reclaimed = list(have), 0
         else:
-            cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs])
+            cached = self.blocks.cached_prefix(hashes[: record.num_computed_tokens // bs], req.all_token_ids, req.root)
             # a cached block with no reference sits in the free pool: touching it takes it out of the pool too
             reclaimed = sum(self.blocks.blocks[b].ref_cnt == 0 for b in cached)
         need = total - len(cached)

@@ -30,11 +30,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, root: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.root = root
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Out of blocks, with `park_on_pressure` on, the victim is parked (kept with its blocks, not
@@ -133,8 +132,10 @@ class Scheduler:
     def cached_prefix(self, req: Request) -> list[int]:
         """Block ids of the cached full blocks `req` can reuse, always leaving at least one token to compute
         (for the logits). Nothing is referenced."""
-        hashes = req.update_hashes(self.blocks.block_size, self.root)
-        return self.blocks.cached_prefix(hashes[: (req.num_tokens - 1) // self.blocks.block_size])
+        hashes = req.update_hashes(self.blocks.block_size)
+        return self.blocks.cached_prefix(
+            hashes[: (req.num_tokens - 1) // self.blocks.block_size], req.all_token_ids, req.root
+        )
 
     def _match_prefix(self, req: Request) -> None:
         """Reuse cached full blocks."""

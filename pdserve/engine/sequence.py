@@ -8,7 +8,7 @@ import time
 import torch
 
 from pdserve.engine.detokenizer import IncrementalDetokenizer
-from pdserve.hashing import block_hashes
+from pdserve.hashing import BlockHash, block_hashes
 from pdserve.protocol import SamplingParams
 
 
@@ -35,6 +35,8 @@ class Request:
         role: Role,
         detokenizer: IncrementalDetokenizer,
         generator: torch.Generator,
+        root: BlockHash,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -46,7 +48,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from a prefix cache (first admission only)
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []
+        self.cache_salt = cache_salt  # requests share cached blocks only under the same salt
+        self.root = root  # root_hash(model id, cache_salt): the parent of the first block's hash
+        self.block_hashes: list[BlockHash] = []
         self.num_cached_blocks = 0  # leading blocks registered in the prefix cache
         self.detokenizer = detokenizer
         self.generator = generator
@@ -70,6 +74,6 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
-    def update_hashes(self, block_size: int, root: int) -> list[int]:
-        self.block_hashes = block_hashes(self.all_token_ids, block_size, root, self.block_hashes)
+    def update_hashes(self, block_size: int) -> list[BlockHash]:
+        self.block_hashes = block_hashes(self.all_token_ids, block_size, self.root, self.block_hashes)
         return self.block_hashes

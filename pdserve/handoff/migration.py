@@ -79,13 +79,13 @@ class Migrator:
                 rec.outcome = "finished" if await self.loop.call(lambda e: rid not in e.requests) else "failed"
                 rec.error = rec.error or ("" if rec.outcome == "finished" else "preempted or not running here")
                 return None
-            ids, tokens, num_kv_blocks = view
+            ids, tokens, num_kv_blocks, cache_salt = view
             try:
                 if num_kv_blocks - sent <= self.config.final_blocks or not ids:
                     return sent
                 stage = MigrationStage(
                     migration_id=mid, request_id=rid, source=self.worker_id, start=sent, token_ids=tokens,
-                    src_block_ids=ids,
+                    src_block_ids=ids, cache_salt=cache_salt,
                 )  # fmt: skip
                 result = await asyncio.wait_for(
                     target_handle.migrate_stage.remote(stage, self.self_handle), self.config.stage_timeout_s

@@ -33,6 +33,7 @@ class Receiver:
         self._abort_after_pull: set[str] = set()
         self._inbound: dict[str, _Inbound] = {}  # migration id -> staged blocks
         self.stall_s = 0.0  # fault injection: stages wait this long before copying
+        self.fail_pulls = 0  # fault injection: this many next pulls fail before copying
 
     # ---- common steps ----------------------------------------------------------------------------------
     async def reserve(self, fn):
@@ -52,6 +53,9 @@ class Receiver:
         """Copy the sender's blocks `src` into ours `dst`; a two-sided transport gets the sender's step too."""
         if not src:
             return
+        if self.fail_pulls:
+            self.fail_pulls -= 1
+            raise RuntimeError(f"injected fault: KV transfer from {sender} failed")
         if not self.transport.two_sided:
             await self.transport.pull(sender, src, dst, timeout_s=timeout_s)
             return
@@ -117,7 +121,7 @@ class Receiver:
             if self.stall_s:
                 await asyncio.sleep(self.stall_s)
             have = list(inbound.blocks)
-            new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have))
+            new, reused = await self.reserve(lambda e: e.stage_blocks(stage.token_ids, have, stage.cache_salt))
             inbound.blocks += new
             if not inbound.dropped:
                 src, dst = stage.src_block_ids[reused:], new[reused:]

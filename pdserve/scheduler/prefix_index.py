@@ -4,7 +4,8 @@ Workers are bits in an int mask, so matching a request is a few integer operatio
 (LRU over hashes); each worker's event stream carries (epoch, seq): a gap or a new epoch (a restart)
 makes `apply` ask for a resync, which replaces that worker's entries with a full snapshot. Routing
 decisions add short-lived predicted entries, so a burst sharing a prefix sees where it went before the
-events arrive.
+events arrive. Hashes are opaque keys (pdserve.hashing's; the simulator's trace ids in its own index), so
+requests under different cache salts never match each other's entries.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import OrderedDict, deque
 from itertools import accumulate, compress, islice, repeat, takewhile
 from operator import and_, neg, not_, or_
 
+from pdserve.hashing import BlockHash
 from pdserve.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 PREDICTION_TTL_S = 10.0
@@ -23,8 +25,8 @@ PREDICTION_TTL_S = 10.0
 class PrefixIndex:
     def __init__(self, max_blocks: int = 1_000_000) -> None:
         self.max_blocks = max_blocks
-        self._holders: OrderedDict[int, int] = OrderedDict()  # hash -> worker mask; LRU, oldest first
-        self._predicted: dict[int, int] = {}  # hash -> worker mask of unconfirmed routing decisions
+        self._holders: OrderedDict[BlockHash, int] = OrderedDict()  # hash -> worker mask; LRU, oldest first
+        self._predicted: dict[BlockHash, int] = {}  # hash -> worker mask of unconfirmed routing decisions
         # One entry per prediction: (expiry time, mask, hashes, start, end), as parallel deques so routing
         # allocates no objects that outlive the decision (each would count toward the next GC pass).
         self._expiry: tuple[deque, ...] = (deque(), deque(), deque(), deque(), deque())
@@ -63,7 +65,7 @@ class PrefixIndex:
                 self._drop_entries(worker_id, bit)
         return True
 
-    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
+    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[BlockHash]) -> None:
         """Replace a worker's entries with a snapshot taken at (epoch, seq)."""
         bit = self._bit_of(worker_id)
         self._drop_entries(worker_id, bit)
@@ -81,7 +83,7 @@ class PrefixIndex:
         self._stream.pop(worker_id, None)
         self._count.pop(worker_id, None)
 
-    def predict(self, worker_id: str, hashes: list[int], ttl_s: float = PREDICTION_TTL_S) -> None:
+    def predict(self, worker_id: str, hashes: list[BlockHash], ttl_s: float = PREDICTION_TTL_S) -> None:
         """A request with these block hashes was just routed to `worker_id`: count them as cached there
         until the worker's own events confirm them or `ttl_s` passes."""
         self.predict_mask(self._bit_of(worker_id), hashes, ttl_s=ttl_s)
@@ -89,7 +91,7 @@ class PrefixIndex:
     def predict_mask(
         self,
         mask: int,
-        hashes: list[int],
+        hashes: list[BlockHash],
         start: int = 0,
         end: int | None = None,
         unheld_from: int | None = None,
@@ -120,7 +122,7 @@ class PrefixIndex:
             self._unpredict(masks.popleft(), islice(lists.popleft(), starts.popleft(), ends.popleft()))
 
     # ---- queries ---------------------------------------------------------------------------------
-    def match_all(self, hashes: list[int]) -> dict[str, int]:
+    def match_all(self, hashes: list[BlockHash]) -> dict[str, int]:
         """Every worker caching (indexed or predicted) the first block of `hashes`, with how many leading
         blocks it caches."""
         found: dict[str, int] = {}
@@ -131,7 +133,7 @@ class PrefixIndex:
                 mask ^= low
         return found
 
-    def match_ends(self, hashes: list[int]) -> list[tuple[int, int]]:
+    def match_ends(self, hashes: list[BlockHash]) -> list[tuple[int, int]]:
         """`match_all` as (leading blocks cached, mask of the workers caching exactly that many), one
         entry per distinct length, the masks disjoint.
 
@@ -167,7 +169,7 @@ class PrefixIndex:
                 todo.append((mid, mid_mask, hi, hi_mask))
         return ends
 
-    def _match_linear(self, hashes: list[int]) -> list[tuple[int, int]]:
+    def _match_linear(self, hashes: list[BlockHash]) -> list[tuple[int, int]]:
         """`match_ends` by a probe per block (in C), stopping at the first block no worker caches."""
         zeros = repeat(0)
         masks = map(or_, map(self._holders.get, hashes, zeros), map(self._predicted.get, hashes, zeros))
@@ -180,7 +182,7 @@ class PrefixIndex:
             ends.append((end, mask & ~-runs[end] if end < n else mask))
         return ends
 
-    def held_blocks(self, bit: int, hashes: list[int], end: int) -> int:
+    def held_blocks(self, bit: int, hashes: list[BlockHash], end: int) -> int:
         """How many leading blocks of hashes[:end] the worker's own events index (predictions left out);
         by bisection, as in `match_ends`."""
         holders, lo, hi = self._holders.get, 0, end  # hashes[:lo] held; hashes[hi:] not known to be
@@ -207,7 +209,7 @@ class PrefixIndex:
     # ---- internals -------------------------------------------------------------------------------
     # Events are applied a batch of hashes at a time with the loops in C (map, compress, dict.update): a
     # report's events cost about as much as the decisions made between two reports.
-    def _store(self, worker_id: str, bit: int, hashes: list[int]) -> None:
+    def _store(self, worker_id: str, bit: int, hashes: list[BlockHash]) -> None:
         holders = self._holders
         old = list(map(holders.get, hashes, repeat(0)))
         self._count[worker_id] += len(old) - sum(map(bool, map(and_, old, repeat(bit))))
@@ -217,7 +219,7 @@ class PrefixIndex:
             self._evict_oldest()
         self._unpredict(bit, hashes)  # confirmed
 
-    def _remove(self, worker_id: str, bit: int, hashes: list[int]) -> None:
+    def _remove(self, worker_id: str, bit: int, hashes: list[BlockHash]) -> None:
         holders = self._holders
         old = list(map(holders.get, hashes, repeat(0)))
         held = list(compress(zip(hashes, old), map(and_, old, repeat(bit))))

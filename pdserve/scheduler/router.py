@@ -12,6 +12,7 @@ import time
 from bisect import bisect_right
 
 from pdserve.config import EngineConfig, RoutingConfig, ServeConfig
+from pdserve.hashing import BlockHash
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
 from pdserve.scheduler.policies import (
     Candidate,
@@ -99,7 +100,7 @@ class Router:
         self.index.expire_predictions()
         return in_sync
 
-    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[int]) -> None:
+    def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[BlockHash]) -> None:
         view = self.views.get(worker_id)
         if view is not None:
             self.index.resync(worker_id, epoch, seq, hashes)

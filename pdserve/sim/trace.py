@@ -24,7 +24,9 @@ class TraceRequest:
     arrival_s: float
     num_prompt_tokens: int
     max_tokens: int
-    block_hashes: tuple[int, ...]  # the prompt's full blocks only (as RouteRequest carries them)
+    # the prompt's full blocks only (as RouteRequest carries them): the trace's own ids, opaque keys in the
+    # simulator's own index, never mixed with pdserve.hashing's 128-bit hashes
+    block_hashes: tuple[int, ...]
 
 
 def load_mooncake(

@@ -72,10 +72,14 @@ class LocalClient:
             queue.put_nowait(error)
 
     # ---- EngineClient -------------------------------------------------------------------------
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        return self._stream(request_id, prompt_token_ids, params, admit=True)
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ):
+        return self._stream(request_id, prompt_token_ids, params, cache_salt, admit=True)
 
-    async def _stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admit: bool):
+    async def _stream(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None, admit: bool
+    ):
         self._bind()
         if not self.loop.alive:
             raise ServiceUnavailable(f"the engine loop is not running ({self.loop.error!r})")
@@ -87,7 +91,7 @@ class LocalClient:
         self._streams[request_id] = queue  # registered before the engine can produce its first delta
         finished = False
         try:
-            await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, cache_salt=cache_salt))
             while not finished:
                 delta = await queue.get()
                 if isinstance(delta, BaseException):

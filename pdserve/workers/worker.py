@@ -187,12 +187,16 @@ class Worker(MigrationMixin):
 
     def inject_fault(self, kind: str) -> None:
         """For failure tests and chaos runs: `engine_step` makes the engine's next step raise;
-        `stall_migration` makes every migration stage arriving here wait 3 s before it copies."""
+        `stall_migration` makes every migration stage arriving here wait 3 s before it copies;
+        `fail_transfer` makes the next KV pull into this worker (a P->D handoff or a migration) fail."""
         if kind == "stall_migration":
             self.receiver.stall_s = 3.0
             return
+        if kind == "fail_transfer":
+            self.receiver.fail_pulls += 1
+            return
         if kind != "engine_step":
-            raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step', 'stall_migration']")
+            raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step', 'stall_migration', 'fail_transfer']")
 
         def broken_step():
             raise RuntimeError("injected fault: engine step failed")
@@ -260,7 +264,9 @@ class Worker(MigrationMixin):
         self.num_requests_total += 1
         self._first_pending.add(req.request_id)
         try:
-            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
+            await self.loop.call(
+                lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, cache_salt=req.cache_salt)
+            )
         except BaseException:
             self._first_pending.discard(req.request_id)
             raise
@@ -274,7 +280,9 @@ class Worker(MigrationMixin):
         self._first_pending.add(req.request_id)
         self.num_requests_total += 1
         try:
-            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, "prefill"))
+            await self.loop.call(
+                lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, "prefill", req.cache_salt)
+            )
             result = await asyncio.shield(fut)
         except BaseException:
             self._prefills.pop(req.request_id, None)

@@ -26,7 +26,7 @@ class ScriptedClient:
         self.mode = "ok"
         self.closed: list[str] = []
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, cache_salt=None):
         try:
             if self.mode == "overloaded":
                 raise Overloaded("queue full", retry_after=3.0)

@@ -14,6 +14,9 @@ def test_block_hashes_are_chained_salted_and_identical_across_processes():
     root = root_hash("model-a")
     hashes = block_hashes(tokens, 16, root)
     assert len(hashes) == 2  # only full blocks
+    assert all(isinstance(h, bytes) and len(h) == 16 for h in [root, *hashes])  # 128-bit
+    assert block_hashes(tokens, 16, root_hash("model-a", "tenant")) != hashes  # a cache salt is a new root
+    assert root_hash("model-a", "b") != root_hash("model-ab") != root_hash("model-a", "")
     assert block_hashes(tokens, 16, root_hash("model-b")) != hashes
     assert block_hashes([99] + tokens[1:], 16, root)[1] != hashes[1]  # a change upstream changes every child
     assert block_hashes(tokens, 16, root, start=hashes[:1]) == hashes
@@ -33,20 +36,23 @@ def test_block_hashes_are_chained_salted_and_identical_across_processes():
 
 def test_block_pool_refcounts_lru_eviction_and_events():
     bm = BlockManager(num_blocks=4, block_size=2, record_events=True)
+    root, tokens, h11, h12, h13 = b"root", [1, 2, 3, 4, 5, 6], b"h11", b"h12", b"h13"
     a = bm.allocate(2)
-    bm.cache_blocks(a, [11, 12], 0, 2, parent=None)
-    assert bm.take_events() == [BlockStored(block_hashes=[11, 12], parent_hash=None)]
-    assert bm.cached_prefix([11, 12, 13]) == a
+    bm.cache_blocks(a, [h11, h12], tokens, 0, 2, root)
+    assert bm.take_events() == [BlockStored(block_hashes=[h11, h12], parent_hash=root)]
+    assert bm.cached_prefix([h11, h12, h13], tokens, root) == a
     bm.touch(a)  # a second reader
     bm.free(a)
     assert bm.num_free_blocks == 2
     bm.free(a)
-    assert bm.num_free_blocks == 4 and bm.cached_prefix([11, 12]) == a  # freed but still cached
+    assert bm.num_free_blocks == 4 and bm.cached_prefix([h11, h12], tokens, root) == a  # freed but still cached
     b = bm.allocate(2)  # the two never-cached blocks go first
-    assert set(b).isdisjoint(a) and bm.cached_prefix([11]) == a[:1]
-    c = bm.allocate(1)  # now evicts: the tail of the cached sequence (hash 12) goes before its head
-    assert c == [a[1]] and bm.take_events() == [BlockRemoved(block_hashes=[12])]
-    assert bm.cached_prefix([11, 12]) == [a[0]]
+    assert set(b).isdisjoint(a) and bm.cached_prefix([h11], tokens, root) == a[:1]
+    c = bm.allocate(1)  # now evicts: the tail of the cached sequence (hash h12) goes before its head
+    assert c == [a[1]] and bm.take_events() == [BlockRemoved(block_hashes=[h12])]
+    assert bm.cached_prefix([h11, h12], tokens, root) == [a[0]]
+    # a hit needs the same tokens and root, not just the hash
+    assert bm.cached_prefix([h11], [1, 9], root) == [] and bm.cached_prefix([h11], tokens, b"other") == []
     bm.free(b + c)
     bm.check_no_leak()
 

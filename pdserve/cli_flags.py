@@ -90,11 +90,12 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def _value(key: str, raw: str, field) -> Any:
     text = str(field.annotation)
-    if "dict" in text:
+    if "dict" in text or "list" in text:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{key}: expected a JSON object, got {raw!r} ({e})") from None
+            shape = "an object" if "dict" in text else "a list"
+            raise ValueError(f"{key}: expected {shape} in JSON, got {raw!r} ({e})") from None
     if raw.lower() in ("none", "null") and "None" in text:
         return None
     return raw

@@ -86,7 +86,7 @@ def _announce(config, status: dict, detach: bool) -> None:
         f"transport {config.kv.transport}; routing {config.routing.policy})",
         flush=True,
     )
-    auth = " -H 'Authorization: Bearer $KEY'" if fe.api_key else ""
+    auth = " -H 'Authorization: Bearer $KEY'" if fe.api_key or fe.api_keys or fe.api_keys_file else ""
     print(
         f"try: curl -s http://127.0.0.1:{fe.port}/v1/completions -H 'Content-Type: application/json'{auth}"
         f' -d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',

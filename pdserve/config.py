@@ -125,16 +125,72 @@ class PoolsConfig(Section):
         return getattr(self, role)
 
 
+class RequestLimits(Section):
+    """What one HTTP request may ask for; beyond it the answer is a 4xx, before any work is done. Token
+    lengths need no key here: a prompt must fit the engine's context (max_model_len), and so must max_tokens."""
+
+    max_body_bytes: int = Field(
+        8 * 2**20, gt=0, description="request body size; larger gets 413 (a 128k-token prompt is about 1 MiB)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received this long after its headers gets 408"
+    )
+    max_n: int = Field(128, ge=1, description="choices per request (n, times the prompts of a batch)")
+    max_stop_strings: int = Field(16, ge=0, description="stop strings per request (OpenAI allows 4)")
+    max_stop_string_chars: int = Field(1024, ge=1, description="characters per stop string")
+    max_stop_token_ids: int = Field(1024, ge=0, description="stop_token_ids per request")
+
+
 class FrontendConfig(Section):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (frontend i listens on port + i)")
     frontends: int = Field(1, ge=1, description="HTTP frontends")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/*")
+    # Key entries are `KEY` or `KEY tenant=NAME` (see `parse_key_entry`); pdserve.api.auth applies them.
+    api_key: str | None = Field(None, description="an API key: require 'Authorization: Bearer KEY' on /v1/*")
+    api_keys: list[str] = Field(default_factory=list, description="more API keys (entries 'KEY [tenant=NAME]')")
+    api_keys_file: str | None = Field(
+        None, min_length=1, description="a file of API keys, one entry a line ('#' comments), re-read when it changes"
+    )
+    admin_keys: list[str] = Field(default_factory=list, description="keys for /admin/* (API keys are refused there)")
+    admin_keys_file: str | None = Field(None, min_length=1, description="a file of admin keys, as api_keys_file")
+    metrics_auth: bool = Field(False, description="/metrics needs an API or admin key too")
+    tenant_salts: bool = Field(
+        True, description="each API key's requests get their own prefix-cache salt (its tenant, else the key's)"
+    )
     served_model_name: str | None = Field(None, description="the model name clients send (default: model id)")
     max_pending: int = Field(1024, gt=0, description="requests in flight per frontend before 429")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     resources: dict[str, float] = Field(
         default_factory=dict, description="Ray resources each frontend needs: pins them to nodes a Service reaches"
     )
+
+    @field_validator("api_key", "api_keys", "admin_keys")
+    @classmethod
+    def _key_entries(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for entry in [v] if isinstance(v, str) else v or ():
+            parse_key_entry(entry)
+        return v
+
+    @model_validator(mode="after")
+    def _metrics_auth(self) -> FrontendConfig:
+        keys = (self.api_key, self.api_keys, self.api_keys_file, self.admin_keys, self.admin_keys_file)
+        if self.metrics_auth and not any(keys):
+            raise ValueError("frontend.metrics_auth: set API or admin keys first (an open server has no keys)")
+        return self
+
+
+def parse_key_entry(entry: str) -> tuple[str, str | None]:
+    """A key entry `KEY` or `KEY tenant=NAME` as (key, tenant); a ValueError says what is wrong with it."""
+    key, *attrs = entry.split() or [""]
+    if not key:
+        raise ValueError("a key is empty")
+    tenant = None
+    for attr in attrs:
+        name, _, value = attr.partition("=")
+        if name != "tenant" or not value or tenant is not None:
+            raise ValueError(f"a key entry takes one 'tenant=NAME' after the key, got {attr!r}")
+        tenant = value
+    return key, tenant
 
 
 class FailureConfig(Section):

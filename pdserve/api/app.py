@@ -9,21 +9,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdserve.api.auth import Auth
 from pdserve.api.chat import create_chat_completion
 from pdserve.api.completions import create_completion
 from pdserve.api.errors import APIError, error_response, install_handlers, internal_error
-from pdserve.api.protocol import MigrateRequest
-from pdserve.api.responses import ModelCard, ModelList
+from pdserve.api.limits import BodyLimits
+from pdserve.api.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    MigrationList,
+    ModelCard,
+    ModelList,
+    ProbeStatus,
+)
+from pdserve.api.schemas import answers, body, install_schemas
 from pdserve.api.serving import Admission, ServingContext, parse_body
 from pdserve.api.sse import STATUS_KEY
+from pdserve.config import RequestLimits
 from pdserve.engine_client import EngineClient, ServiceUnavailable
 from pdserve.metrics import Metrics
 
@@ -38,11 +48,17 @@ def create_app(
     *,
     served_model_name: str | None = None,
     api_key: str | None = None,
+    auth: Auth | None = None,
     max_pending: int = 1024,
+    limits: RequestLimits | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
-    """An app serving `client`. `api_key`: required as a Bearer token on /v1/* and /admin/*; `max_pending`: generation
-    requests in flight at this server before new ones get 429."""
+    """An app serving `client`. `auth`: the key policy (`Auth.from_config`; default: open); `api_key`: a
+    shorthand for an `Auth` with that one API key. `max_pending`: generation requests in flight at this
+    server before new ones get 429. `limits`: what one request may ask for (`frontend.limits`)."""
+    if auth is not None and api_key is not None:
+        raise ValueError("create_app: pass api_key or auth, not both")
+    auth = auth if auth is not None else Auth(api_keys=[] if api_key is None else [api_key])
     metrics = metrics if metrics is not None else Metrics()
     ctx = ServingContext(
         client=client,
@@ -50,29 +66,30 @@ def create_app(
         served_model_name=served_model_name or client.info.model_id,
         metrics=metrics,
         admission=Admission(max_pending, metrics),
+        limits=limits if limits is not None else RequestLimits(),
     )
     created = int(time.time())
     app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve")
     app.state.client, app.state.metrics, app.state.ctx = client, metrics, ctx
     install_handlers(app)
-    app.add_middleware(_Guard, metrics=metrics)
+    install_schemas(app, ctx.models)
+    app.add_middleware(BodyLimits, limits=ctx.limits)
+    app.add_middleware(_Guard, metrics=metrics)  # added last: the outermost
 
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(
-                401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
+    app.state.auth = auth
+    v1, admin = [Depends(auth.api_route)], [Depends(auth.admin_route)]  # every /v1/ and /admin/ route takes one
 
-    v1 = [Depends(authorize)]
-
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post(
+        "/v1/completions", dependencies=v1, openapi_extra=body(ctx.models.completion),
+        responses=answers(CompletionResponse, chunk=CompletionResponse),
+    )  # fmt: skip
     async def completions(request: Request) -> Response:
         return await create_completion(ctx, request)
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post(
+        "/v1/chat/completions", dependencies=v1, openapi_extra=body(ctx.models.chat),
+        responses=answers(ChatCompletionResponse, chunk=ChatCompletionChunk),
+    )  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(ctx, request)
 
@@ -82,22 +99,25 @@ def create_app(
             id=ctx.served_model_name, created=created, root=info.model_id, max_model_len=info.max_model_len
         )
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models", dependencies=v1, responses=answers(errors=(401, 403)))
     async def models() -> ModelList:
         return ModelList(data=[model_card()])
 
-    @app.get("/v1/models/{model:path}", dependencies=v1)
+    @app.get("/v1/models/{model:path}", dependencies=v1, responses=answers(errors=(401, 403, 404)))
     async def retrieve_model(model: str) -> ModelCard:
         ctx.check_model(model)
         return model_card()
 
-    @app.post("/admin/migrate", dependencies=v1)
+    @app.post(
+        "/admin/migrate", dependencies=admin, openapi_extra=body(ctx.models.migrate),
+        responses=answers(MigrationList, errors=(400, 401, 403, 404, 408, 413, 415)),
+    )  # fmt: skip
     async def admin_migrate(request: Request) -> Response:
         """Move a running request (every choice of it) to another worker, live: `request_id` is the id this
         API returned (cmpl-..., chatcmpl-...); `target_worker` is optional (default: the least loaded)."""
-        body = await parse_body(request, MigrateRequest)
+        req = await parse_body(request, ctx.models.migrate)
         try:
-            records = await client.migrate(body.request_id, body.target_worker)
+            records = await client.migrate(req.request_id, req.target_worker)
         except KeyError as e:
             raise APIError(404, str(e).strip("'\""), param="request_id", code="request_not_found") from None
         except ValueError as e:
@@ -114,17 +134,22 @@ def create_app(
             return error_response(APIError(503, f"{word}: {type(e).__name__}: {e}", code="service_unavailable"))
         return JSONResponse({"status": "ok", "model": ctx.served_model_name})
 
-    @app.get("/health")
+    probe_answers = answers(ProbeStatus, errors=(503,))
+
+    @app.get("/health", responses=probe_answers)
     async def health() -> Response:
         """Liveness: this process runs and reaches what it depends on (never a data-path probe)."""
         return await probe(client.check_health, "unhealthy")
 
-    @app.get("/ready")
+    @app.get("/ready", responses=probe_answers)
     async def ready() -> Response:
         """Readiness: workers that can prefill and decode are ready."""
         return await probe(client.check_ready, "not ready")
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics", dependencies=[Depends(auth.metrics_route)], response_class=PlainTextResponse,
+        responses=answers(errors=(401,)),
+    )  # fmt: skip
     async def prometheus() -> Response:
         try:
             stats = await asyncio.wait_for(client.stats(), STATS_TIMEOUT_S)

@@ -25,6 +25,7 @@ from pdserve.api.responses import (
 )
 from pdserve.api.serving import (
     ServingContext,
+    cache_salt,
     fan_out,
     new_id,
     now,
@@ -37,12 +38,12 @@ from pdserve.api.serving import (
 
 async def create_chat_completion(ctx: ServingContext, request: Request) -> Response:
     arrival, created = now()
-    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    req: ChatCompletionRequest = await parse_body(request, ctx.models.chat)
     ctx.check_model(req.model)
     req.check()
     messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
     try:
-        ids = ctx.info.encode_chat(messages)
+        ids = await ctx.tokenize(ctx.info.encode_chat, messages)
     except ValueError as e:
         raise bad_request(str(e), param="messages") from None
     max_tokens = req.requested_max_tokens
@@ -53,7 +54,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request) -> Respo
     params = sampling_params(req, max_tokens, logprobs, aliases={"max_tokens": param, "logprobs": "top_logprobs"})
     validate_prompt(ctx.info, ids, params)
     request_id = new_id("chatcmpl")
-    choices = fan_out(request_id, [ids], [params], req.n)
+    choices = fan_out(request_id, [ids], [params], req.n, cache_salt(req, request))
     view = _View(ctx, req, request_id, created)
     return await run_generation(ctx, request, choices, arrival, stream=req.stream, chunks=view.chunks, whole=view.whole)
 

@@ -18,6 +18,7 @@ from pdserve.api.protocol import CompletionRequest
 from pdserve.api.responses import CompletionChoice, CompletionResponse
 from pdserve.api.serving import (
     ServingContext,
+    cache_salt,
     fan_out,
     new_id,
     now,
@@ -32,26 +33,28 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 async def create_completion(ctx: ServingContext, request: Request) -> Response:
     arrival, created = now()
-    req: CompletionRequest = await parse_body(request, CompletionRequest)
+    req: CompletionRequest = await parse_body(request, ctx.models.completion)
     ctx.check_model(req.model)
     req.check()
     prompts = req.prompts()
+    if len(prompts) * req.n > ctx.limits.max_n:
+        raise bad_request(f"a request has at most {ctx.limits.max_n} choices (prompts x n)", param="n")
     params = sampling_params(req, req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS, req.logprobs)
     token_lists = []
     for prompt in prompts:
-        ids = _encode(ctx, prompt)
+        ids = await _encode(ctx, prompt)
         validate_prompt(ctx.info, ids, params)
         token_lists.append(ids)
     request_id = new_id("cmpl")
-    choices = fan_out(request_id, token_lists, [params] * len(token_lists), req.n)
+    choices = fan_out(request_id, token_lists, [params] * len(token_lists), req.n, cache_salt(req, request))
     echoes = _echo_texts(ctx, req, prompts, token_lists, params)
     view = _View(ctx, req, request_id, created, echoes)
     return await run_generation(ctx, request, choices, arrival, stream=req.stream, chunks=view.chunks, whole=view.whole)
 
 
-def _encode(ctx: ServingContext, prompt) -> list[int]:
+async def _encode(ctx: ServingContext, prompt) -> list[int]:
     try:
-        return ctx.info.encode_prompt(prompt)
+        return await ctx.tokenize(ctx.info.encode_prompt, prompt)
     except ValueError as e:
         raise bad_request(str(e), param="prompt") from None
 

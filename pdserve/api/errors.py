@@ -77,7 +77,12 @@ def from_validation_errors(errors: list[dict], prefix: tuple = ()) -> APIError:
     for i, part in enumerate(loc):
         if part in _UNION_HINTS and kind != "missing":
             path = _path(loc[: i + 1])
-            return bad_request(f"{path} {_UNION_HINTS[part]}", param=path)
+            inner = _constraint_error(errors, len(prefix), loc[: i + 1])
+            if inner is None:
+                return bad_request(f"{path} {_UNION_HINTS[part]}", param=path)
+            where = list(inner["loc"])[len(prefix) :]
+            del where[i + 1]  # the union branch's tag (e.g. "list[str]")
+            return bad_request(f"{_path(where)}: {inner.get('msg', 'invalid value')}", param=path)
     path = _path(loc)
     if kind == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {path}", param=path)
@@ -85,6 +90,16 @@ def from_validation_errors(errors: list[dict], prefix: tuple = ()) -> APIError:
         return bad_request(f"{path} is required", param=path)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return bad_request(f"{path}: {message}", param=path)
+
+
+def _constraint_error(errors: list[dict], skip: int, union: list) -> dict | None:
+    """The first error under the union at `union` that is no branch's type mismatch: the input has that
+    branch's shape but breaks one of its limits (too long, out of range), which says more than the shapes."""
+    for e in errors:
+        loc = list(e.get("loc", ()))[skip:]
+        if loc[: len(union)] == union and len(loc) > len(union) and not e.get("type", "").endswith("_type"):
+            return e
+    return None
 
 
 def _path(loc: list) -> str:

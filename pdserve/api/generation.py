@@ -34,6 +34,7 @@ class Choice:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     last_token_at: float | None = None
+    cache_salt: str | None = None
 
 
 class Generation:
@@ -52,7 +53,7 @@ class Generation:
         self._closed = False
 
     async def _pump(self, choice: Choice) -> None:
-        stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params)
+        stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params, choice.cache_salt)
         try:
             # Cancellation reaches the engine client's generator inside its own await, so its cleanup (abort) runs.
             async with aclosing(stream):

@@ -14,10 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from pdserve.api.errors import APIError, bad_request
 from pdserve.protocol import SamplingParams
 
-MAX_N = 128
+MAX_CACHE_SALT_CHARS = 256
 _SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; seed + n - 1 must fit
 # Integers cross process boundaries as msgspec int64: bound them here, so an absurd value is a 400.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+StopString = Annotated[str, Field(min_length=1)]
+# Limits that depend on the deployment (n, stop lists, token ids, max_tokens) are added per app by
+# `pdserve.api.schemas`, whose tightened subclasses both validate bodies and describe them in /openapi.json.
 
 
 class StrictModel(BaseModel):
@@ -31,25 +35,27 @@ class StreamOptions(StrictModel):
 class SamplingRequest(StrictModel):
     """Fields shared by completions and chat: OpenAI's names and defaults plus vLLM's sampling extras."""
 
-    model: str
-    n: int = 1
-    temperature: float | None = None  # None: 1.0
-    top_p: float | None = None  # None: 1.0
+    model: str = Field(description="the served model's name (GET /v1/models)")
+    n: int = Field(1, ge=1, description="choices to generate")
+    temperature: float | None = Field(None, ge=0, description="default 1.0; 0 is greedy")
+    top_p: float | None = Field(None, gt=0, le=1, description="default 1.0")
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream=true")
+    stop: StopString | list[StopString] | None = None
+    seed: Int64 | None = Field(None, description="choice i samples with seed + i")
+    presence_penalty: float | None = Field(None, description="only 0 (pdserve has no penalties)")
+    frequency_penalty: float | None = Field(None, description="only 0 (pdserve has no penalties)")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty (not supported)")
     user: str | None = None  # an end-user id for the caller's logs: accepted, unused
     # vLLM extras
-    top_k: Int64 | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = Field(None, description="0 or -1: disabled")
     ignore_eos: bool = False
-    stop_token_ids: list[Int64] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add prompt_token_ids and token_ids to each choice
+    # only requests with the same salt share prefix-cached KV (default: the API key's, else none)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     def check(self) -> None:
         """Raise a 400 for parameters pdserve does not support or values no request may have."""
@@ -58,8 +64,6 @@ class SamplingRequest(StrictModel):
                 raise unsupported(name, "only 0 is supported")
         if self.logit_bias:
             raise unsupported("logit_bias")
-        if not 1 <= self.n <= MAX_N:
-            raise bad_request(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         if self.seed is not None and not -_SEED_LIMIT <= self.seed <= _SEED_LIMIT - self.n:
             raise bad_request(f"seed must be a 64-bit signed integer, got {self.seed}", param="seed")
         if self.stream_options is not None and not self.stream:
@@ -108,12 +112,12 @@ def with_seed(params: SamplingParams, sample_index: int) -> SamplingParams:
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Int64 | None = 16  # None: 16, OpenAI's default
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(16, description="default 16, OpenAI's")
+    logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives returned per token")
+    echo: bool = Field(False, description="not with logprobs")
+    best_of: int | None = Field(None, description="only equal to n")
+    suffix: str | None = Field(None, description="only empty (not supported)")
 
     def check(self) -> None:
         super().check()
@@ -121,8 +125,6 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("best_of", "it must equal n")
         if self.suffix:
             raise unsupported("suffix")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
-            raise bad_request(f"logprobs must be between 0 and 5, got {self.logprobs}", param="logprobs")
         if self.echo and self.logprobs is not None:
             raise unsupported("echo", "with logprobs it needs prompt logprobs, which pdserve does not compute")
 
@@ -137,7 +139,7 @@ class CompletionRequest(SamplingRequest):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    type: str
+    type: str = Field(description="only 'text' parts are supported")
     text: str | None = None
 
 
@@ -165,31 +167,26 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: Int64 | None = None  # None (both): up to the context length
-    max_completion_tokens: Int64 | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="default: up to the context length")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="overrides max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token (with logprobs)")
+    tools: list[dict] | None = Field(None, description="only empty (not supported)")
+    tool_choice: str | dict | None = Field(None, description="only 'none' or 'auto' (no tools)")
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    response_format: dict | None = Field(None, description="only {'type': 'text'}")
 
     def check(self) -> None:
         super().check()
-        if not self.messages:
-            raise bad_request("messages must not be empty", param="messages")
         if self.tools:
             raise unsupported("tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise unsupported("tool_choice")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise unsupported("response_format", "only type 'text' is supported")
-        if self.top_logprobs is not None:
-            if not 0 <= self.top_logprobs <= 20:
-                raise bad_request(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}", "top_logprobs")
-            if not self.logprobs:
-                raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -125,3 +125,29 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- errors and probes ---------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer: OpenAI's error object (`pdserve.api.errors` builds it)."""
+
+    error: ErrorDetail
+
+
+class ProbeStatus(BaseModel):
+    status: Literal["ok"]
+    model: str
+
+
+class MigrationList(BaseModel):
+    """POST /admin/migrate: one record per choice moved (outcome, stages, bytes, pause)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict]

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -17,11 +21,27 @@ from pdserve.api.errors import APIError, bad_request, from_validation_errors
 from pdserve.api.generation import Choice, Generation
 from pdserve.api.logprobs import TokenStrings
 from pdserve.api.protocol import SamplingRequest, param_of, with_seed
+from pdserve.api.schemas import RequestModels
 from pdserve.api.sse import EventStream, sse_body, unless_disconnected
+from pdserve.config import RequestLimits
 from pdserve.engine_client import EngineClient
 from pdserve.metrics import Metrics
 from pdserve.model_info import ModelInfo
 from pdserve.protocol import SamplingParams
+
+T = TypeVar("T")
+
+
+def _number(literal: str) -> float | int:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999: a DecodeError
+        raise ValueError("number out of range")
+    return int(value) if value.is_integer() else value
+
+
+# JSON has one number type, and JSON Schema's "integer" includes 2.0: a literal with no fraction is an int
+# here too, so an integer field takes it (float fields take ints).
+_JSON = msgspec.json.Decoder(float_hook=_number)
 
 
 class Admission:
@@ -64,10 +84,22 @@ class ServingContext:
     served_model_name: str
     metrics: Metrics
     admission: Admission
+    limits: RequestLimits = field(default_factory=RequestLimits)
     strings: TokenStrings = field(init=False)
+    models: RequestModels = field(init=False)  # what the routes validate bodies with (and document)
+    # One thread: encoding a prompt near the body limit takes seconds, which must not stall the event loop
+    # (other streams, probes); the Rust tokenizer releases the GIL meanwhile, but is not shared between threads.
+    _tokenizer_thread: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.strings = TokenStrings(self.info.tokenizer)
+        info = self.info
+        self.models = RequestModels.build(self.limits, self.served_model_name, info.vocab_size, info.max_model_len)
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-tokenizer")
+
+    async def tokenize(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` (an encode of `info`) on the tokenizer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     def check_model(self, name: str) -> None:
         if name != self.served_model_name:
@@ -78,14 +110,20 @@ class ServingContext:
 
 
 async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
-    """The JSON body as `schema`, whatever the Content-Type; every problem is a 400 naming the field."""
+    """The JSON body as `schema`; every problem is a 400 naming the field. A body without a Content-Type
+    is read as JSON too (curl without -H); one declared as something else is a 415."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json, got {media!r}", code="unsupported_media_type")
     raw = await request.body()
     if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    try:  # msgspec, unlike json, refuses lone surrogates, which no UTF-8 response could echo
+        data = _JSON.decode(raw)
+    except msgspec.DecodeError as e:
         raise bad_request(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
@@ -113,14 +151,26 @@ def validate_prompt(info: ModelInfo, ids: list[int], params: SamplingParams) -> 
         raise bad_request(str(e), param="prompt" if "prompt" in str(e) else param_of(e)) from None
 
 
-def fan_out(prefix: str, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[Choice]:
+def fan_out(
+    prefix: str, prompts: list[list[int]], params: list[SamplingParams], n: int, cache_salt: str | None = None
+) -> list[Choice]:
     """prompts x n choices, indexed as OpenAI does (prompt_index * n + sample_index)."""
     choices = []
     for p, (ids, prm) in enumerate(zip(prompts, params)):
         for i in range(n):
             index = p * n + i
-            choices.append(Choice(index, i, f"{prefix}-{index}", ids, with_seed(prm, i)))
+            choices.append(Choice(index, i, f"{prefix}-{index}", ids, with_seed(prm, i), cache_salt=cache_salt))
     return choices
+
+
+def cache_salt(req: SamplingRequest, request: Request) -> str | None:
+    """The caller's key's default salt (per tenant, set by the auth layer) with the body's `cache_salt`
+    scoped under it: a body salt separates a tenant's requests further but never names another tenant's
+    cache (a guessed "tenant:acme" from another key is "tenant:other/tenant:acme")."""
+    default = getattr(request.state, "cache_salt_default", None)
+    if req.cache_salt is None:
+        return default
+    return req.cache_salt if default is None else f"{default}/{req.cache_salt}"
 
 
 def new_id(kind: str) -> str:

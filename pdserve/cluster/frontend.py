@@ -38,15 +38,16 @@ class FrontendActor:
         import uvicorn
 
         from pdserve.api.app import create_app
+        from pdserve.api.auth import Auth
         from pdserve.cluster.client import connect_client
         from pdserve.metrics import Metrics
 
         fe = self.config.frontend
-        metrics = Metrics()
+        metrics, auth = Metrics(), Auth.from_config(fe)  # a missing key file fails the start before connecting
         self._client = await connect_client(self.config, metrics)
         app = create_app(
-            self._client, served_model_name=fe.served_model_name, api_key=fe.api_key, metrics=metrics,
-            max_pending=fe.max_pending,
+            self._client, served_model_name=fe.served_model_name, auth=auth, metrics=metrics,
+            max_pending=fe.max_pending, limits=fe.limits,
         )  # fmt: skip
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -21,6 +21,7 @@ import uvicorn
 
 from pdserve import LLM, SamplingParams
 from pdserve.api.app import create_app
+from pdserve.api.auth import Auth
 from pdserve.config import EngineConfig, ServeConfig
 from pdserve.controller.deploy import build
 from pdserve.metrics import Metrics
@@ -46,7 +47,7 @@ class DeploymentServer:
         try:
             metrics = Metrics()
             self.deployment = await build(self.config, metrics)
-            app = create_app(self.deployment.client, metrics=metrics, api_key=self.config.frontend.api_key)
+            app = create_app(self.deployment.client, metrics=metrics, auth=Auth.from_config(self.config.frontend))
             self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
             task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
             while not self.server.started and not task.done():
@@ -244,8 +245,8 @@ def test_killed_decode_worker_gives_a_clean_error(ray_cluster):
 
 def test_admin_migrate_moves_a_stream_live(ray_cluster):
     cfg = serve_config(
-        engine=engine(), pools={"prefill": 1, "decode": 2}, frontend={"api_key": "sekret"},
-        migration={"rebalance": False},
+        engine=engine(), pools={"prefill": 1, "decode": 2}, migration={"rebalance": False},
+        frontend={"api_key": "sekret", "admin_keys": ["root"]},
     )  # fmt: skip
     prompt = "move me along " * 6
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -262,7 +263,10 @@ def test_admin_migrate_moves_a_stream_live(ray_cluster):
             if answer is None and len(text) > 20:
                 url = f"{s.url}/admin/migrate"
                 assert httpx.post(url, json={"request_id": chunk.id}, timeout=30).status_code == 401
-                auth = {"Authorization": "Bearer sekret"}
+                api_key = {"Authorization": "Bearer sekret"}  # good on /v1/*, refused on /admin/*
+                as_api = httpx.post(url, json={"request_id": chunk.id}, headers=api_key, timeout=30)
+                assert as_api.status_code == 403 and as_api.json()["error"]["code"] == "admin_key_required"
+                auth = {"Authorization": "Bearer root"}
                 bad = httpx.post(url, json={"request_id": chunk.id, "target_worker": "nope"}, headers=auth, timeout=30)
                 assert bad.status_code == 400 and bad.json()["error"]["param"] == "target_worker"
                 answer = httpx.post(url, json={"request_id": chunk.id}, headers=auth, timeout=60)

@@ -5,7 +5,6 @@ recording rule returns data through Prometheus' query API, and every alert expre
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -19,10 +18,8 @@ import pytest
 import ray
 import yaml
 
-from pdserve.autoscale.local_prometheus import LocalPrometheus
-from pdserve.controller.deploy import deploy
-from tests.conftest import serve_config
-from tests.loadgen import Load, free_port, wait
+from tests.live import live_deployment
+from tests.loadgen import Load, wait
 
 pytestmark = [
     pytest.mark.ray,
@@ -75,42 +72,29 @@ def migrate_one_stream(url: str) -> dict:
 
 
 def test_every_dashboard_query_and_recording_rule_returns_live_data():
-    port, metrics_port = free_port(), free_port()
-    prom = LocalPrometheus([f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}"], interval_s=1)
-    prom.wait_ready()
     auto = {
-        "enabled": True, "prometheus_url": prom.url, "interval_s": 1.0, "decode_tokens_per_worker": 10,
-        "min_prefill": 1, "max_prefill": 1, "min_decode": 2, "max_decode": 3, "scale_in_window_s": 600,
-        "cooldown_s": 2, "ttft_slo_s": 40, "tpot_slo_s": 5, "flip_roles": False,
+        "interval_s": 1.0, "decode_tokens_per_worker": 10, "min_prefill": 1, "max_prefill": 1, "min_decode": 2,
+        "max_decode": 3, "scale_in_window_s": 600, "cooldown_s": 2, "ttft_slo_s": 40, "tpot_slo_s": 5,
+        "flip_roles": False,
     }  # fmt: skip
     # frontends and controller pinned by a Ray resource, as the Helm chart pins them to its head pod
-    cfg = serve_config(
-        engine={"num_kv_blocks": 256}, pools={"prefill": 1, "decode": 2}, autoscaling=auto,
-        migration={"rebalance": False}, frontend={"port": port, "host": "127.0.0.1", "resources": {"head": 1}},
-        controller={"metrics_port": metrics_port, "resources": {"head": 1}},
-    )  # fmt: skip
-    ray.init(num_cpus=10, resources={"head": 2}, include_dashboard=False, namespace="pdserve-test-observability")
-    dep = None
-    try:
-        dep = asyncio.run(deploy(cfg, serve_http=True))
-        url = f"http://127.0.0.1:{port}"
-
-        def decode_ready():
-            st = ray.get(dep.controller.status.remote())
-            return [w for w in st["workers"] if w["role"] == "decode" and w["state"] == "ready"]
-
-        load = Load(url, concurrency=4)
+    with live_deployment(
+        auto, "pdserve-test-observability", ray_resources={"head": 2}, engine={"num_kv_blocks": 256},
+        pools={"prefill": 1, "decode": 2}, migration={"rebalance": False}, frontend={"resources": {"head": 1}},
+        controller={"resources": {"head": 1}},
+    ) as live:  # fmt: skip
+        load = Load(live.url, concurrency=4)
         try:
-            record = migrate_one_stream(url)
+            record = migrate_one_stream(live.url)
             assert record["outcome"] == "migrated", record
-            wait(lambda: len(decode_ready()) == 3, 150, "the autoscaler's third decode worker")
+            wait(lambda: len(live.ready("decode")) == 3, 150, "the autoscaler's third decode worker")
             time.sleep(3)  # scrapes and rule evaluations of the last seconds of load
         finally:
             load.end()
         assert load.done > 0 and not load.failures, load.failures[:3]
         assert ray.available_resources().get("head", 0) == 0  # held by the controller and the frontend
-        decisions = [d["action"] for d in ray.get(dep.controller.autoscaler_decisions.remote())]
-        assert "scale_out" in decisions, decisions
+        assert "scale_out" in live.actions(), live.decisions()
+        prom = live.prom
 
         dashboard = json.loads(DASHBOARD.read_text())
         empty = []
@@ -137,8 +121,3 @@ def test_every_dashboard_query_and_recording_rule_returns_live_data():
             query(prom.url, alert["expr"])  # evaluates (an alert that does not fire returns nothing)
         check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
         assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
-    finally:
-        if dep is not None:
-            asyncio.run(dep.shutdown())
-        ray.shutdown()
-        prom.stop()

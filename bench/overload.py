@@ -1,0 +1,163 @@
+"""Overload: a deployment's sustainable request rate (closed loop), then `--factor` times that rate as open-loop
+arrivals for `--seconds`: what it answers (200, 429 with Retry-After, 503, anything else), the latency of what
+it accepted against the SLO, its queues over the burst, and how soon after the burst it serves normally.
+
+    python -m bench.overload                      # starts `pdserve serve` (1 colocated worker, demo model)
+    python -m bench.overload --url http://127.0.0.1:8000 --seconds 60 --factor 10
+
+Admission is what the config allows: `routing.max_waiting_per_worker` queued requests per worker (beyond
+`engine.max_num_seqs` running) and `frontend.max_pending` per frontend; size the first to the SLO (waiting
+<= SLO x a worker's request rate) and the latency of accepted requests stays bounded."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+
+BODY = {"model": "pdserve-demo", "prompt": "overload " * 8, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+
+
+@dataclass
+class Outcome:
+    t_send: float  # seconds since the burst began
+    status: int  # 0: no HTTP answer (connection error, timeout)
+    latency_s: float
+    retry_after: str | None = None
+    error: str = ""
+
+
+async def _one(http: httpx.AsyncClient, url: str, body: dict, t0: float, timeout: float) -> Outcome:
+    start = time.perf_counter()
+    try:
+        r = await http.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        ok = r.status_code != 200 or r.json()["usage"]["completion_tokens"] == body["max_tokens"]
+        return Outcome(start - t0, r.status_code, time.perf_counter() - start, r.headers.get("retry-after"),
+                       "" if ok else "short answer")  # fmt: skip
+    except (httpx.HTTPError, ValueError) as e:
+        return Outcome(start - t0, 0, time.perf_counter() - start, error=repr(e)[:200])
+
+
+async def closed_loop(url: str, body: dict, concurrency: int, seconds: float) -> tuple[float, int]:
+    """(completed requests per second, requests refused) with `concurrency` clients, each sending its next
+    request when the last is answered (after a refusal, after its Retry-After)."""
+    done, refused, deadline = 0, 0, time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal done, refused
+        while time.perf_counter() < deadline:
+            out = await _one(http, url, body, 0.0, 120)
+            done += out.status == 200 and not out.error
+            if out.status in (429, 503):
+                refused += 1
+                await asyncio.sleep(float(out.retry_after or 1))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return done / (time.perf_counter() - start), refused
+
+
+async def open_loop(url: str, body: dict, rate: float, seconds: float, timeout: float, probe=None) -> list[Outcome]:
+    """Requests sent every 1/`rate` s for `seconds`, whatever became of the earlier ones; `probe()` (the
+    deployment's queues, say) is sampled every second meanwhile."""
+    t0, tasks, n = time.perf_counter(), [], int(rate * seconds)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as http:
+        next_probe = 0.0
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(http, url, body, t0, timeout)))
+            if probe is not None and time.perf_counter() - t0 >= next_probe:
+                next_probe += 1.0
+                await probe(time.perf_counter() - t0)
+        return list(await asyncio.gather(*tasks))
+
+
+async def recovery(url: str, body: dict, slo_s: float, timeout_s: float = 60.0) -> float | None:
+    """Seconds from now until a request is answered 200 within the SLO (None: not within `timeout_s`)."""
+    start = time.perf_counter()
+    async with httpx.AsyncClient() as http:
+        while time.perf_counter() - start < timeout_s:
+            out = await _one(http, url, body, start, 120)
+            if out.status == 200 and not out.error and out.latency_s <= slo_s:
+                return time.perf_counter() - start
+            await asyncio.sleep(0.2)
+    return None
+
+
+def summarize(outcomes: list[Outcome], slo_s: float) -> dict:
+    accepted = sorted(o.latency_s for o in outcomes if o.status == 200 and not o.error)
+    refused = [o for o in outcomes if o.status in (429, 503)]
+
+    def pct(q: float) -> float | None:
+        return accepted[min(len(accepted) - 1, int(q * len(accepted)))] if accepted else None
+
+    return {
+        "sent": len(outcomes),
+        "accepted": len(accepted),
+        "refused_429": sum(o.status == 429 for o in refused),
+        "refused_503": sum(o.status == 503 for o in refused),
+        "refused_without_retry_after": sum(o.status == 429 and not o.retry_after for o in refused),
+        "other": sum(o.status not in (200, 429, 503) or bool(o.error) for o in outcomes),
+        "other_samples": sorted({f"{o.status} {o.error}" for o in outcomes if o.status not in (200, 429, 503)})[:4],
+        "accepted_p50_s": pct(0.5),
+        "accepted_p99_s": pct(0.99),
+        "accepted_max_s": accepted[-1] if accepted else None,
+        "accepted_within_slo": sum(v <= slo_s for v in accepted) / len(accepted) if accepted else None,
+    }
+
+
+async def run(url: str, args, probe=None) -> dict:
+    sustainable, refused = await closed_loop(url, BODY, args.concurrency, args.measure_s)
+    rate = args.factor * sustainable
+    print(f"sustainable {sustainable:.1f} req/s (closed loop, {args.concurrency} clients); burst {rate:.1f} req/s "
+          f"for {args.seconds:.0f} s", flush=True)  # fmt: skip
+    outcomes = await open_loop(url, BODY, rate, args.seconds, args.timeout, probe)
+    back = await recovery(url, BODY, args.slo)
+    measured = {"sustainable_req_s": sustainable, "refused_while_measuring": refused, "burst_req_s": rate}
+    return {**measured, "recovered_s": back, **summarize(outcomes, args.slo), "outcomes": [asdict(o) for o in outcomes]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--factor", type=float, default=10.0, help="burst rate over the sustainable rate")
+    ap.add_argument("--seconds", type=float, default=60.0, help="burst length")
+    ap.add_argument("--concurrency", type=int, default=16, help="closed-loop clients measuring the sustainable rate")
+    ap.add_argument("--measure-s", type=float, default=15.0)
+    ap.add_argument("--slo", type=float, default=5.0, help="end-to-end latency SLO of a 16-token request, seconds")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", default="overload")
+    args = ap.parse_args()
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import Server, print_table, write_json
+
+    server = None
+    if args.url is None:
+        flags = ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "1",
+                 "--engine.max-num-seqs", "16", "--routing.max-waiting-per-worker", "4"]  # fmt: skip
+        server = Server("overload", flags, Path(tempfile.mkdtemp(prefix="pdserve-bench-overload-")))
+        args.url = server.start()
+    try:
+        result = asyncio.run(run(args.url, args))
+    finally:
+        if server is not None:
+            server.stop()
+    rows = [{k: v for k, v in result.items() if k not in ("outcomes", "other_samples")}]
+    print_table(rows, list(rows[0]))
+    print(f"other answers: {json.dumps(result['other_samples'])}")
+    print(f"wrote {write_json(args.out, {'args': vars(args), **result})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,8 +53,8 @@ class Generation:
         self._closed = False
 
     async def _pump(self, choice: Choice) -> None:
-        stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params, choice.cache_salt)
-        try:
+        try:  # a client whose generate() raises at the call must fail the request too, not leave it waiting
+            stream = self.client.generate(choice.request_id, choice.prompt_token_ids, choice.params, choice.cache_salt)
             # Cancellation reaches the engine client's generator inside its own await, so its cleanup (abort) runs.
             async with aclosing(stream):
                 async for delta in stream:

@@ -298,3 +298,14 @@ def test_keys_from_flags_and_env(monkeypatch):
     with app_for(Auth.from_config(ServeConfig().frontend)) as http:
         assert call(http, "completions", "sk-secret").status_code == 200
         assert call(http, "admin", "adm").status_code == 200
+
+
+class RaisingClient(FakeClient):
+    def generate(self, request_id, prompt_token_ids, params, cache_salt=None):  # raises at the call, no generator
+        raise TypeError("generate() broke before streaming")
+
+
+def test_a_client_failing_at_the_call_fails_the_request_instead_of_hanging():
+    with TestClient(create_app(RaisingClient()), raise_server_exceptions=False) as http:
+        resp = http.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 1}, timeout=10)
+        assert resp.status_code >= 500 and "error" in resp.json(), resp.text

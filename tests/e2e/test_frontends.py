@@ -188,7 +188,10 @@ def test_every_per_worker_series_appears_once_in_prometheus(deployment, tmp_path
                 except (httpx.HTTPError, json.JSONDecodeError):
                     res = {"data": {"result": []}}
                 counts[name] = {r["metric"].get("worker"): float(r["value"][1]) for r in res["data"]["result"]}
-            up = httpx.get(api, params={"query": "up"}, timeout=5).json()["data"]["result"]
+            try:  # Prometheus may still be starting: its port is not open yet
+                up = httpx.get(api, params={"query": "up"}, timeout=5).json()["data"]["result"]
+            except (httpx.HTTPError, json.JSONDecodeError):
+                up = []
             scraped = len(up) == len(targets) and all(r["value"][1] == "1" for r in up)  # every target, once
             if scraped and all(workers <= set(c) for c in counts.values()):
                 break

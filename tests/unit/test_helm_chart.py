@@ -27,12 +27,14 @@ from pdserve.config import load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "pdserve"
-SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"  # /work/shared/k8s-schemas beside the repository
+# The CRDs in ../shared/k8s-schemas beside the repository, else the copy of those the chart renders
+SCHEMAS = next(
+    (d for d in (ROOT.parent / "shared" / "k8s-schemas", ROOT / "tests" / "data" / "k8s-schemas") if d.is_dir()),
+    ROOT / "tests" / "data" / "k8s-schemas",
+)
 K8S_VERSION = "1.33"
 CRDS = {
     ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
-    ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
-    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",

@@ -214,6 +214,7 @@ class LLMEngine(HandoffMixin):
         return {
             "num_running": len(sched.running) + len(sched.parked),
             "num_waiting": len(sched.waiting),
+            "num_free_slots": max(0, sched.max_num_seqs - len(sched.running) - len(sched.waiting)),
             "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values()),
             "num_free_blocks": self.blocks.num_free_blocks,
             "num_blocks": self.blocks.num_blocks,

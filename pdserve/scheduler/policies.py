@@ -32,6 +32,12 @@ class WorkerView:
     pending_requests: int = 0  # routed here since the last report
     pending_tokens: int = 0  # uncached prompt tokens routed here since the last report
     pending_blocks: int = 0  # KV blocks those requests will take
+    num_free_slots: int = 0  # batch slots free at the last report (routed requests fill these first)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting here, counting those routed since the last report beyond its free batch slots."""
+        return self.num_waiting + max(0, self.pending_requests - self.num_free_slots)
 
     @property
     def load(self) -> int:

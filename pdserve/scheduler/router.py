@@ -86,6 +86,7 @@ class Router:
             self.remove(stats.worker_id)
             return True
         view.num_running, view.num_waiting = stats.num_running, stats.num_waiting
+        view.num_free_slots = stats.num_free_slots
         view.num_prefill_tokens_queued = stats.num_prefill_tokens_queued
         view.num_free_blocks, view.num_blocks, view.kv_usage = stats.num_free_blocks, stats.num_blocks, stats.kv_usage
         times, tokens, blocks = self._pending[stats.worker_id]
@@ -128,7 +129,7 @@ class Router:
             raise NoCapacity("no decode or colocated worker is alive", retry_after=5.0, unavailable=True)
 
         def admits_prefill(w: WorkerView) -> bool:
-            return w.num_waiting + w.pending_requests < max_waiting
+            return w.queue_depth < max_waiting
 
         def admits_decode(w: WorkerView) -> bool:
             return admits_prefill(w) and (not w.num_blocks or w.num_blocks - w.used_blocks >= need_blocks)

@@ -250,6 +250,23 @@ def test_admission_is_bounded_by_queues_and_free_blocks():
     assert e.value.unavailable
 
 
+def test_requests_routed_since_a_report_fill_its_free_batch_slots_before_they_count_as_queued():
+    # One colocated worker, 2 queued allowed: it reported 8 free batch slots, so 10 requests are admitted
+    # before the next report (8 start at once, 2 wait); the 11th is refused. Reporting no free slots (an
+    # older worker, or a full batch) keeps the old bound: 2.
+    for free, admitted in ((8, 10), (0, 2)):
+        r = Router(RouterConfig(policy="prefix_aware", max_waiting_per_worker=2))
+        r.register("m0", "colocated")
+        r.report(stats("m0", "colocated", t=time.time() - 1, num_free_slots=free))
+        for i in range(admitted):
+            r.route(req([i] * 40))
+        with pytest.raises(NoCapacity):
+            r.route(req([99] * 40))
+        # the next report, taken after those decisions, says what happened: room again
+        r.report(stats("m0", "colocated", num_running=min(free, admitted), num_waiting=admitted - min(free, admitted)))
+        assert r.views["m0"].queue_depth == admitted - min(free, admitted)
+
+
 def test_colocated_workers_prefill_locally():
     r = Router(RouterConfig(policy="prefix_aware"))
     r.register("m0", "colocated")

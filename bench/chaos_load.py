@@ -55,6 +55,7 @@ class Outcome:
     stream: bool | None  # None: not a completion (an admin call)
     latency_s: float
     note: str = ""
+    text: str | None = None  # the served text of a wrong answer (for diagnose())
 
 
 def _error(prefix: str, status: int | None, payload, fe: int, stream: bool, t0: float) -> Outcome:
@@ -121,7 +122,40 @@ def _check(text: str, case: Case, fe: int, stream: bool, t0: float, note: str) -
     dt = time.monotonic() - t0
     if text == case.expected:
         return Outcome("ok", "", fe, stream, dt)
-    return Outcome("wrong", "text differs from the offline run", fe, stream, dt, f"{text!r} != {case.expected!r}")
+    note = f"{text!r} != {case.expected!r}"
+    return Outcome("wrong", "text differs from the offline run", fe, stream, dt, note, text=text)
+
+
+TIE_NATS = 1e-3  # float32 sums in another order (another batch) move a logit by ~1e-6 relative: far below this
+
+
+def diagnose(wrong: list[tuple[Case, str]]) -> list[dict]:
+    """Why a served text differs from the offline one: at the first token where they part, the offline run's
+    log-probabilities of its own token and of the served one. `near_tie`: the served token was the offline
+    runner-up by under TIE_NATS, so another batch's float32 rounding can flip the argmax (greedy decoding is
+    not batch-invariant); anything else (a token far from the top, a shifted text) points at a real bug."""
+    if not wrong:
+        return []
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(num_kv_blocks=256)
+    out = []
+    for case, text in wrong:
+        params = SamplingParams(temperature=0, max_tokens=case.max_tokens, ignore_eos=True, logprobs=5)
+        (ref,) = llm.generate([case.prompt], params)
+        served = llm.tokenizer.encode(text, add_special_tokens=False)
+        at = next((i for i, (a, b) in enumerate(zip(served, ref.token_ids)) if a != b), None)
+        row = {"prompt": case.prompt[:60], "max_tokens": case.max_tokens, "served_tokens": len(served),
+               "diverges_at": at, "near_tie": False}  # fmt: skip
+        if at is not None:
+            top = dict(ref.logprobs[at].top)
+            lp_served = top.get(served[at])
+            gap = None if lp_served is None else ref.logprobs[at].logprob - lp_served
+            rank = list(top).index(served[at]) + 1 if served[at] in top else None
+            row |= {"offline_token": ref.token_ids[at], "served_token": served[at], "served_rank": rank,
+                    "gap_nats": gap, "near_tie": rank == 2 and gap is not None and gap < TIE_NATS}  # fmt: skip
+        out.append(row)
+    return out
 
 
 def _json(content: bytes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import io
 import json
 import os
@@ -49,6 +50,8 @@ OVERRIDES = {
     "default": {},
     "autoscaling": {"pdserve": {"autoscaling": {"enabled": True, "prometheus_url": PROMETHEUS}}},
     "api_key": {"apiKey": {"existingSecret": "llm-api-key", "key": "token"}},
+    "key_files": {"apiKeys": {"existingSecret": "llm-tenants"}, "adminKeys": {"existingSecret": "llm-ops",
+                                                                            "key": "ops.keys"}},
     "xpyd": {
         "pdserve": {"routing": {"policy": "least_loaded"}, "engine": {"dtype": "bfloat16"}},
         "roles": {
@@ -237,6 +240,10 @@ def test_lint_passes():
         ({"pdserve": {"pools": {"decode": 3}}}, "'pools'"),
         ({"pdserve": {"frontend": {"api_key": "sk-plain"}}}, "/pdserve/frontend/api_key"),
         ({"apiKey": {"value": "sk-plain"}}, "'value'"),
+        ({"pdserve": {"frontend": {"api_keys": ["sk-plain"]}}}, "/pdserve/frontend/api_keys"),
+        ({"pdserve": {"frontend": {"admin_keys": ["sk-plain"]}}}, "/pdserve/frontend/admin_keys"),
+        ({"pdserve": {"frontend": {"admin_keys_file": "/keys"}}}, "/pdserve/frontend/admin_keys_file"),
+        ({"adminKeys": {"existingSecret": "ops", "key": "../etc"}}, "/adminKeys/key"),
         ({"pdserve": {"autoscaling": {"enabled": True}}}, "prometheus_url"),
         ({"model": {"pvc": {"claimName": "m"}, "url": "https://x/m.tar"}}, "/model"),
         ({"pdserve": {"name": "two words"}}, "/pdserve/name"),
@@ -311,6 +318,39 @@ def test_api_key_comes_from_the_secret_only(tmp_path, monkeypatch):
     monkeypatch.setenv(entry["name"], "sk-from-secret")
     assert load("api_key", tmp_path, env=True).frontend.api_key == "sk-from-secret"
     assert "PDSERVE_FRONTEND__API_KEY" not in json.dumps(objects("default"))
+
+
+def test_key_files_come_from_secrets_mounted_where_the_frontends_read_them(tmp_path, monkeypatch):
+    rc = raycluster("key_files")
+    pod = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in head_containers(rc)["ray-head"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    cfg = load("key_files", tmp_path)
+    files = {"api-keys": cfg.frontend.api_keys_file, "admin-keys": cfg.frontend.admin_keys_file}
+    assert files == {"api-keys": "/etc/pdserve-keys/api/api-keys", "admin-keys": "/etc/pdserve-keys/admin/ops.keys"}
+    for name, path in files.items():
+        # mounted whole, read-only (a subPath mount never sees a rotated Secret), the file where the config says
+        assert mounts[name]["readOnly"] and "subPath" not in mounts[name]
+        (item,) = volumes[name]["secret"]["items"]
+        assert f"{mounts[name]['mountPath']}/{item['path']}" == path
+    assert volumes["api-keys"]["secret"]["secretName"] == "llm-tenants"
+    assert volumes["admin-keys"]["secret"]["secretName"] == "llm-ops"
+    assert "pdserve-deployer" not in {c["name"] for c in pod["containers"] if "api-keys" in str(c)}
+    assert "api-keys" not in str(raycluster("default"))
+    # the frontend's key policy reads the files at those paths: written as the kubelet would, then rotated
+    from pdserve.api.auth import Auth
+
+    root = tmp_path / "keys"
+    for name, path in files.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text("# tenants\nsk-a tenant=acme\n" if name == "api-keys" else "ops-1\n")
+    local = {"api_keys_file": files["api-keys"], "admin_keys_file": files["admin-keys"]}
+    fe = cfg.frontend.model_copy(update={k: str(root / v.lstrip("/")) for k, v in local.items()})
+    auth = Auth.from_config(fe)
+    assert auth.api.configured and auth.admin.configured
+    digest = lambda key: hashlib.sha256(key.encode()).digest()  # noqa: E731
+    assert auth.api.match(digest("sk-a")).salt is not None and auth.api.match(digest("ops-1")) is None
+    assert auth.admin.match(digest("ops-1")) is not None and auth.admin.match(digest("sk-a")) is None
 
 
 def test_xpyd_on_labelled_gpu_nodes(tmp_path):

@@ -49,6 +49,12 @@ resource, which only that role's worker group advertises; frontends and controll
 {{- $_ := set $cfg "pools" $pools -}}
 {{- $frontend := $cfg.frontend | default dict -}}
 {{- $_ := set $frontend "resources" (dict "pdserve_head" 1) -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- $_ := set $frontend "api_keys_file" (printf "%s/api/%s" (include "pdserve.keysDir" .) .Values.apiKeys.key) -}}
+{{- end -}}
+{{- if .Values.adminKeys.existingSecret -}}
+{{- $_ := set $frontend "admin_keys_file" (printf "%s/admin/%s" (include "pdserve.keysDir" .) .Values.adminKeys.key) -}}
+{{- end -}}
 {{- $_ := set $cfg "frontend" $frontend -}}
 {{- $controller := $cfg.controller | default dict -}}
 {{- $_ := set $controller "resources" (dict "pdserve_head" 1) -}}
@@ -78,4 +84,43 @@ resource, which only that role's worker group advertises; frontends and controll
 {{- end -}}
 {{- end -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+
+{{/*
+Key files from Secrets (apiKeys, adminKeys), mounted whole (not by subPath, which the kubelet never updates) in
+the ray-head container, where the frontends read them; the config points frontend.*_keys_file there.
+*/}}
+{{- define "pdserve.keysDir" -}}/etc/pdserve-keys{{- end -}}
+
+{{- define "pdserve.keyMounts" -}}
+{{- if .Values.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: {{ include "pdserve.keysDir" . }}/api
+  readOnly: true
+{{- end }}
+{{- if .Values.adminKeys.existingSecret }}
+- name: admin-keys
+  mountPath: {{ include "pdserve.keysDir" . }}/admin
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.keyVolumes" -}}
+{{- if .Values.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ .Values.apiKeys.existingSecret }}
+    items:
+      - key: {{ .Values.apiKeys.key }}
+        path: {{ .Values.apiKeys.key }}
+{{- end }}
+{{- if .Values.adminKeys.existingSecret }}
+- name: admin-keys
+  secret:
+    secretName: {{ .Values.adminKeys.existingSecret }}
+    items:
+      - key: {{ .Values.adminKeys.key }}
+        path: {{ .Values.adminKeys.key }}
+{{- end }}
 {{- end -}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pdserve.api.errors import APIError, bad_request
 from pdserve.protocol import SamplingParams
@@ -30,6 +30,16 @@ class StrictModel(BaseModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+
+
+def _when(field: str, present: dict, then: dict) -> dict:
+    """JSON Schema: if `field` is present and matches `present`, the body must match `then`."""
+    return {"if": {"properties": {field: present}, "required": [field]}, "then": then}
+
+
+# Cross-field rules the checks below enforce, stated in the schema too (generated clients and fuzzers see them).
+STREAM_OPTIONS_NEED_STREAM = _when("stream_options", {"type": "object"},
+                                   {"properties": {"stream": {"const": True}}, "required": ["stream"]})  # fmt: skip
 
 
 class SamplingRequest(StrictModel):
@@ -112,6 +122,9 @@ def with_seed(params: SamplingParams, sample_index: int) -> SamplingParams:
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        STREAM_OPTIONS_NEED_STREAM, _when("logprobs", {"type": "integer"}, {"properties": {"echo": {"const": False}}}),
+    ]})  # fmt: skip
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(16, description="default 16, OpenAI's")
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives returned per token")
@@ -138,9 +151,12 @@ class CompletionRequest(SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str = Field(description="only 'text' parts are supported")
-    text: str | None = None
+    # documented as the only part served (a text part); validated by ChatMessage.as_template_input's 400
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"required": ["type", "text"]})
+    type: Annotated[str, WithJsonSchema({"type": "string", "const": "text"})] = Field(
+        description="only 'text' parts are supported"
+    )
+    text: Annotated[str | None, WithJsonSchema({"type": "string"})] = None
 
 
 class ChatMessage(StrictModel):
@@ -167,6 +183,11 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        STREAM_OPTIONS_NEED_STREAM,
+        _when("top_logprobs", {"type": "integer"},
+              {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}),
+    ]})  # fmt: skip
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="default: up to the context length")
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="overrides max_tokens")

@@ -42,12 +42,35 @@ class RequestModels:
             "stop_token_ids": Annotated[list[TokenId], Field(max_length=limits.max_stop_token_ids)] | None,
         }
         prompt = text | Annotated[list[text], batch] | ids | Annotated[list[ids], batch]
-        completion = _tighten(CompletionRequest, **shared, prompt=prompt, max_tokens=max_tokens)
-        chat = _tighten(ChatCompletionRequest, **shared, max_tokens=max_tokens, max_completion_tokens=max_tokens)
+        completion = _tighten(
+            CompletionRequest, **shared, **UNSUPPORTED, prompt=prompt, max_tokens=max_tokens,
+            suffix=_only({"type": "string", "maxLength": 0}, str),
+        )  # fmt: skip
+        chat = _tighten(
+            ChatCompletionRequest, **shared, **UNSUPPORTED, max_tokens=max_tokens, max_completion_tokens=max_tokens,
+            tools=_only({"type": "array", "maxItems": 0}, list[dict]),
+            tool_choice=_only({"enum": ["none", "auto"]}, str | dict),
+            response_format=_only({"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+                                  dict),
+        )  # fmt: skip
         return cls(completion, chat)
 
     def all(self) -> tuple[type[BaseModel], ...]:
         return self.completion, self.chat, self.migrate
+
+
+def _only(schema: dict, kind: Any) -> Any:
+    """A field the server accepts only in the form `schema` (or null) describes: documented so, while its
+    validation stays the base model's `check()`, whose 400 says what is unsupported."""
+    return Annotated[kind | None, WithJsonSchema({"anyOf": [schema, {"type": "null"}]})]
+
+
+# Parameters of the OpenAI API that pdserve takes only as no-ops: their schemas admit just those values.
+UNSUPPORTED = {
+    "presence_penalty": _only({"type": "number", "minimum": 0, "maximum": 0}, float),
+    "frequency_penalty": _only({"type": "number", "minimum": 0, "maximum": 0}, float),
+    "logit_bias": _only({"type": "object", "maxProperties": 0}, dict[str, float]),
+}
 
 
 def _tighten(base: type[BaseModel], **types: Any) -> type[BaseModel]:

@@ -86,6 +86,16 @@ def test_the_schema_states_the_limits(api, fuzz_backend):
     token_ids = props["prompt"]["anyOf"][2]["items"]
     assert token_ids["minimum"] == 0 and token_ids["exclusiveMaximum"] == fuzz_backend.info.vocab_size
     assert defs["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
+    # what pdserve takes only as a no-op is stated so; and the cross-field rules as if/then
+    assert props["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 0}
+    assert props["suffix"]["anyOf"][0] == {"type": "string", "maxLength": 0}
+    assert chat["properties"]["tools"]["anyOf"][0] == {"type": "array", "maxItems": 0}
+    assert chat["properties"]["tool_choice"]["anyOf"][0] == {"enum": ["none", "auto"]}
+    assert defs["ContentPart"]["properties"]["type"]["const"] == "text"
+    rules = {r["if"]["required"][0]: r["then"] for r in cmpl["allOf"] + chat["allOf"]}
+    assert rules["stream_options"]["properties"]["stream"] == {"const": True}
+    assert rules["top_logprobs"]["properties"]["logprobs"] == {"const": True}
+    assert rules["logprobs"]["properties"]["echo"] == {"const": False}
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES, ids=[f"{m} {p} {mode}" for m, p, mode in CASES])

@@ -1,6 +1,7 @@
 """Chaos benchmark: 2 prefill + 2 decode workers behind two HTTP frontends (the demo model, in-process Ray)
 under a steady checked load, with one fault per round: SIGKILL a worker, a frontend or the controller; SIGSTOP
-a worker past its heartbeat timeout; a failed KV transfer; clients leaving mid-stream; a scale-in and an
+a worker past its heartbeat timeout; SIGSTOP a frontend or the controller, left stopped until it is found hung
+(no answer to pings) and replaced or restarted; a failed KV transfer; clients leaving mid-stream; a scale-in and an
 operator migration, each racing a SIGKILL. After each round the invariants: no request lost (a wrong text or a
 hang), every error clean (an OpenAI error object, or a dropped connection to the frontend that was killed),
 back at full strength within a bound, and no KV block held once the load is drained.
@@ -30,7 +31,8 @@ from pdserve.controller.deploy import deploy
 
 ADMIN_KEY = "chaos-admin-key"
 # faults after which the deployment is short of a worker, a frontend or its controller for a while
-WEAKENING = ("kill_worker", "kill_frontend", "kill_controller", "hang_worker", "scale_in", "migrate")
+WEAKENING = ("kill_worker", "kill_frontend", "kill_controller", "hang_worker", "hang_frontend", "hang_controller",
+             "scale_in", "migrate")  # fmt: skip
 ROUND_COLUMNS = [
     "round", "fault", "victim", "fired", "requests", "served", "errors", "lost", "unclean", "left", "retries",
     "slowest_s", "recovered_s", "round_s", "leaked_blocks", "ok",
@@ -65,12 +67,13 @@ def free_ports(n: int) -> int:
 
 def chaos_config(name: str, port: int, worker_timeout_s: float = 3.0, **sections) -> ServeConfig:
     """2 prefill + 2 decode workers on the demo model behind two HTTP frontends (port, port + 1), with an
-    admin key for /admin/migrate and a short heartbeat timeout so hangs are found quickly."""
+    admin key for /admin/migrate and short heartbeat and ping timeouts so hangs are found quickly."""
     sections.setdefault("controller", {"metrics_port": 0})
     return ServeConfig(
         name=name, engine={"num_kv_blocks": 256}, pools={"prefill": 2, "decode": 2},
         frontend={"frontends": 2, "port": port, "host": "127.0.0.1", "admin_keys": [ADMIN_KEY]},
-        failure={"worker_timeout_s": worker_timeout_s}, **sections,
+        failure={"worker_timeout_s": worker_timeout_s, "frontend_timeout_s": 3.0, "controller_timeout_s": 8.0},
+        **sections,
     )  # fmt: skip
 
 

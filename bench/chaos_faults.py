@@ -21,8 +21,8 @@ from chaos_load import CONNECTION_ERRORS, Case, Load, Outcome, complete, fronten
 from pdserve.config import NAMESPACE, ROLES, worker_actor_name
 
 FAULTS = (
-    "kill_worker", "kill_frontend", "kill_controller", "hang_worker", "fail_transfer", "client_disconnect",
-    "scale_in", "migrate",
+    "kill_worker", "kill_frontend", "kill_controller", "hang_worker", "hang_frontend", "hang_controller",
+    "fail_transfer", "client_disconnect", "scale_in", "migrate",
 )  # fmt: skip
 POLL_S = 0.2
 FIRE_WAIT_S = 20.0  # fail_transfer: a handoff or a migration into the worker comes within this
@@ -132,6 +132,31 @@ class Chaos:
         after = await self.status()
         dead = after is not None and _worker_gone(w["worker_id"])(after)
         return Injected(f"{w['worker_id']} ({'declared dead' if dead else 'recovered'})", at=at)
+
+    async def hang_frontend(self, st: dict) -> Injected:
+        """SIGSTOP a frontend and leave it stopped: the controller's pings go unanswered, it kills it and
+        starts a replacement (clients of the stopped one see their connections drop: clean errors). SIGCONT
+        only if it was not replaced within `recover_s` (the round then fails on strength)."""
+        f = self.rng.choice([f for f in st["frontends"] if f["state"] == "ready"])
+        self.killed_frontends.add(f["index"])
+        at = time.monotonic()
+        _kill(f["pid"], signal.SIGSTOP)
+        gone = lambda s: all(g["pid"] != f["pid"] for g in s["frontends"] if g["index"] == f["index"])  # noqa: E731
+        replaced = await self.wait(gone, self.s.recover_s)
+        if not replaced:
+            _kill(f["pid"], signal.SIGCONT)
+        return Injected(f"frontend-{f['index']} ({'replaced' if replaced else 'not replaced'})", gone, at=at)
+
+    async def hang_controller(self, st: dict) -> Injected:
+        """SIGSTOP the controller and leave it stopped: routing calls time out (503s), a frontend's watchdog
+        kills it and Ray restarts it. SIGCONT only if it was not restarted within `recover_s`."""
+        pid, at = st["controller"]["pid"], time.monotonic()
+        _kill(pid, signal.SIGSTOP)
+        gone = lambda s: s["controller"]["pid"] != pid  # noqa: E731
+        restarted = await self.wait(gone, self.s.recover_s)
+        if not restarted:
+            _kill(pid, signal.SIGCONT)
+        return Injected(f"controller ({'restarted' if restarted else 'not restarted'})", gone, at=at)
 
     async def fail_transfer(self, st: dict) -> Injected:
         """The next KV pull into a decode worker fails: a P->D handoff's (the frontend retries the request)

@@ -197,6 +197,12 @@ class FailureConfig(Section):
     worker_timeout_s: float = Field(10.0, gt=0, description="a worker whose reports stop this long is dead")
     max_request_retries: int = Field(2, ge=0, description="re-routes of a request whose worker died")
     replace_dead_workers: bool = Field(True, description="start a replacement for a dead worker")
+    frontend_timeout_s: float = Field(
+        10.0, gt=0, description="a frontend not answering the controller's pings this long is hung: killed, replaced"
+    )
+    controller_timeout_s: float = Field(
+        30.0, gt=5.0, description="a controller not answering a frontend this long is hung: killed, Ray restarts it"
+    )
 
 
 class ControllerConfig(Section):

@@ -48,12 +48,12 @@ class ClusterClient:
     def __init__(self, info: ModelInfo, controller, config: ServeConfig, metrics=None) -> None:
         self.info = info
         self.controller = controller
-        self.router = RouteBatcher(controller)
+        self.router = RouteBatcher(controller, config.failure.controller_timeout_s)
         self.block_size = config.engine.block_size
         self.max_retries = config.failure.max_request_retries
         self.metrics = metrics
         self._root = root_hash(info.model_id)
-        self.members = Membership(controller, self._deliver, self._worker_left)
+        self.members = Membership(controller, self._deliver, self._worker_left, config.failure.controller_timeout_s)
         self._queues: dict[str, asyncio.Queue] = {}  # attempt id -> its stream's queue
         self._owner: dict[str, str] = {}  # attempt id -> worker whose outbox streams it
         self._touched: dict[str, set[str]] = {}  # attempt id -> every worker it ran on (aborted there at the end)
@@ -195,6 +195,8 @@ class ClusterClient:
             route = await self.router.route(rr)
         except ray.exceptions.RayActorError as e:
             raise ServiceUnavailable(f"the controller is unreachable: {last_line(e)}") from None
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"the controller did not route within {self.router.timeout_s:.0f} s") from None
         if isinstance(route, NoCapacity):
             if route.unavailable:
                 raise ServiceUnavailable(str(route))

@@ -2,7 +2,9 @@
 
 New workers get an output poller at once; a worker that leaves (dead, or drained and gone) fails the
 streams it still owed; a poll that fails on a dead actor is reported to the controller, so a death seen
-here reaches routing without waiting for the controller's own watcher.
+here reaches routing without waiting for the controller's own watcher. A controller that answers nothing
+for `controller_timeout_s` (stopped or wedged: Ray still counts it alive, so it never restarts it) is
+killed from here, and Ray restarts it (its `max_restarts`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ def last_line(error: BaseException) -> str:
 POLL_TIMEOUT_S = 1.0
 MEMBERSHIP_WAIT_S = 5.0
 CONTROLLER_LIVE_S = 15.0  # a membership answer this recent means the controller is reachable
+PING_S = 5.0  # a ping of a silent controller: no answer in this long and it is hung
 
 
 class Membership:
-    def __init__(self, controller, deliver: Callable, worker_left: Callable[[str, str], None]) -> None:
+    def __init__(
+        self, controller, deliver: Callable, worker_left: Callable[[str, str], None], controller_timeout_s: float = 30.0
+    ) -> None:
         self.controller = controller
+        self.controller_timeout_s = controller_timeout_s
+        self.controller_kills = 0  # hung controllers killed from here
         self._deliver = deliver
         self._worker_left = worker_left
         self.workers: dict[str, tuple[str, object]] = {}  # worker id -> (role, handle), not dead
@@ -43,6 +50,7 @@ class Membership:
         self.last_answer = 0.0
         self._pollers: dict[str, asyncio.Task] = {}
         self._follower: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._closed = False
         self.consumer = f"frontend-{uuid.uuid4().hex[:12]}"  # this client's outbox on every worker
 
@@ -57,6 +65,7 @@ class Membership:
                     raise ServiceUnavailable("the controller did not answer") from None
                 await asyncio.sleep(0.5)
         self._follower = asyncio.ensure_future(self._follow())
+        self._watchdog = asyncio.ensure_future(self._watch_controller())
 
     async def _follow(self) -> None:
         while not self._closed:
@@ -68,6 +77,31 @@ class Membership:
             except Exception as e:  # the controller restarting: keep serving with what we know, and retry
                 log.warning("membership update failed (%r); retrying", e)
                 await asyncio.sleep(0.5)
+
+    async def _watch_controller(self) -> None:
+        """Kill a controller that is alive to Ray but answers nothing: no membership answer for
+        `controller_timeout_s` and no answer to a ping. A controller Ray is restarting does not answer either,
+        so the timeout must exceed a restart (seconds); after a kill, the restart gets a whole timeout."""
+        while not self._closed:
+            await asyncio.sleep(1.0)
+            if time.monotonic() - self.last_answer < self.controller_timeout_s:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.ensure_future(self.controller.ping.remote()), PING_S)
+                self.last_answer = time.monotonic()
+            except asyncio.TimeoutError:
+                silent = time.monotonic() - self.last_answer
+                log.error("the controller answered nothing for %.0f s (hung): killing it for Ray to restart", silent)
+                try:
+                    ray.kill(self.controller, no_restart=False)
+                    self.controller_kills += 1
+                except Exception as e:  # gone already
+                    log.warning("could not kill the controller: %r", e)
+                self.last_answer = time.monotonic()
+            except asyncio.CancelledError:
+                return
+            except Exception:  # dead, or refused while restarting: Ray is on it
+                pass
 
     def _apply(self, version: int, members: list, ready_roles: list[str]) -> None:
         self.version, self.last_answer = version, time.monotonic()
@@ -139,7 +173,7 @@ class Membership:
 
     async def stop(self) -> None:
         self._closed = True
-        for task in [self._follower, *self._pollers.values()]:
+        for task in [self._follower, self._watchdog, *self._pollers.values()]:
             if task is not None:
                 task.cancel()
         self._pollers.clear()

@@ -1,5 +1,6 @@
 """The HTTP frontends' lifecycle, run inside the controller: start `frontend.frontends` frontend actors (frontend
-i on port + i), adopt running ones after a restart, and replace one that dies."""
+i on port + i), adopt running ones after a restart, and replace one that dies or hangs (answers no ping for
+`failure.frontend_timeout_s`: a stopped or wedged process that Ray still counts as alive)."""
 
 from __future__ import annotations
 
@@ -77,12 +78,32 @@ class Frontends:
         await self._watch(index, handle)
 
     async def _watch(self, index: int, handle) -> None:
+        timeout = self.config.failure.frontend_timeout_s
+        closed = asyncio.ensure_future(self._closed(index, handle))
+        try:
+            while not closed.done():
+                await asyncio.wait([closed], timeout=timeout / 2)
+                if closed.done():
+                    break
+                try:
+                    await asyncio.wait_for(asyncio.ensure_future(handle.pid.remote()), timeout)
+                except asyncio.TimeoutError:
+                    log.error("frontend %d answered no ping in %.1f s (hung); killing it", index, timeout)
+                    ray.kill(handle)  # wait_closed then fails: replaced as a death
+                    await closed
+                except Exception:  # died: wait_closed says so
+                    await closed
+        finally:
+            closed.cancel()
+        if self.frontends.get(index, {}).get("handle") is handle:
+            self.frontends.pop(index, None)  # the next reconcile starts a replacement
+
+    @staticmethod
+    async def _closed(index: int, handle) -> None:
         try:
             await handle.wait_closed.remote()
         except Exception:  # RayActorError: it died
             log.error("frontend %d died; starting a new one", index)
-        if self.frontends.get(index, {}).get("handle") is handle:
-            self.frontends.pop(index, None)  # the next reconcile starts a replacement
 
     def rows(self) -> list[dict]:
         rows = sorted(self.frontends.items())

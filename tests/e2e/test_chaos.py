@@ -1,8 +1,10 @@
 """The short chaos run (bench/chaos.py, one round of each fault kind with a few seconds of load): 2 prefill + 2
 decode workers and two HTTP frontends lose a worker, a frontend and the controller to SIGKILL, a worker to
-SIGSTOP, a KV transfer, streams whose clients leave, a worker during a scale-in and one during an operator's
-migration; no request is lost (every answer is the offline text or a clean error, none hangs), the deployment
-is back at its target size after each fault, and no KV block is held once the load is drained."""
+SIGSTOP (resumed after its heartbeat timeout), a frontend and the controller to SIGSTOP (never resumed: found
+hung by pings, killed and replaced or restarted), a KV transfer, streams whose clients leave, a worker during a
+scale-in and one during an operator's migration; no request is lost (every answer is the offline text or a clean
+error, none hangs), the deployment is back at its target size after each fault, and no KV block is held once the
+load is drained."""
 
 from __future__ import annotations
 

@@ -89,7 +89,10 @@ class Frontends:
                     await asyncio.wait_for(asyncio.ensure_future(handle.pid.remote()), timeout)
                 except asyncio.TimeoutError:
                     log.error("frontend %d answered no ping in %.1f s (hung); killing it", index, timeout)
-                    ray.kill(handle)  # wait_closed then fails: replaced as a death
+                    try:
+                        ray.kill(handle)  # wait_closed then fails: replaced as a death
+                    except Exception:  # gone already
+                        pass
                     await closed
                 except Exception:  # died: wait_closed says so
                     await closed

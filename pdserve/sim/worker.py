@@ -225,6 +225,8 @@ class SimWorker:
             role=self.role,
             num_running=len(self.prefilling) + len(self.decoding),
             num_waiting=len(self.waiting),
+            # as the engine reports it: requests routed before the next report start at once in these
+            num_free_slots=max(0, self.max_num_seqs - len(self.prefilling) - len(self.decoding) - len(self.waiting)),
             num_held=self.num_held + len(self.imports),
             num_free_blocks=free,
             num_blocks=self.cache.num_blocks,

@@ -143,17 +143,20 @@ def diagnose(wrong: list[tuple[Case, str]]) -> list[dict]:
     for case, text in wrong:
         params = SamplingParams(temperature=0, max_tokens=case.max_tokens, ignore_eos=True, logprobs=5)
         (ref,) = llm.generate([case.prompt], params)
-        served = llm.tokenizer.encode(text, add_special_tokens=False)
-        at = next((i for i, (a, b) in enumerate(zip(served, ref.token_ids)) if a != b), None)
-        row = {"prompt": case.prompt[:60], "max_tokens": case.max_tokens, "served_tokens": len(served),
-               "diverges_at": at, "near_tie": False}  # fmt: skip
+        tok = llm.tokenizer
+        # the first offline token whose text the served text does not continue (text, not ids: a byte-level
+        # tokenizer's partial UTF-8 decodes to U+FFFD, which does not encode back to the same ids)
+        at = next((k for k in range(len(ref.token_ids)) if not text.startswith(tok.decode(ref.token_ids[: k + 1]))),
+                  None)  # fmt: skip
+        row = {"prompt": case.prompt[:60], "max_tokens": case.max_tokens, "diverges_at": at, "near_tie": False}
         if at is not None:
-            top = dict(ref.logprobs[at].top)
-            lp_served = top.get(served[at])
-            gap = None if lp_served is None else ref.logprobs[at].logprob - lp_served
-            rank = list(top).index(served[at]) + 1 if served[at] in top else None
-            row |= {"offline_token": ref.token_ids[at], "served_token": served[at], "served_rank": rank,
-                    "gap_nats": gap, "near_tie": rank == 2 and gap is not None and gap < TIE_NATS}  # fmt: skip
+            top = ref.logprobs[at].top  # (token, logprob), best first: which of them the served text continues
+            head = ref.token_ids[:at]
+            rank = next((i + 1 for i, (t, _) in enumerate(top) if text.startswith(tok.decode(head + [t]))), None)
+            gap = None if rank is None else ref.logprobs[at].logprob - top[rank - 1][1]
+            tie = rank == 2 and gap is not None and gap < TIE_NATS
+            row |= {"offline_token": ref.token_ids[at], "served_token": None if rank is None else top[rank - 1][0],
+                    "served_rank": rank, "gap_nats": gap, "near_tie": tie}  # fmt: skip
         out.append(row)
     return out
 

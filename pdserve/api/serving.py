@@ -126,10 +126,30 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
         raise bad_request("the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    if b"\\u0000" in raw and (where := _nul_at(data)) is not None:  # raw NULs are invalid JSON already
+        what = where or "a key"
+        raise bad_request(f"{what} contains a NUL character (U+0000), which no field accepts", param=where or None)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise from_validation_errors(e.errors()) from None
+
+
+def _nul_at(value, path: str = "") -> str | None:
+    """The path (as `messages[0].content`) of the first string, or key, in `value` holding U+0000."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path
+            if (found := _nul_at(item, f"{path}.{key}" if path else key)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _nul_at(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, aliases=None) -> SamplingParams:

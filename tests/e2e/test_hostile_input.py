@@ -50,7 +50,13 @@ CASES = [
     ("invalid UTF-8", CMPL, b'{"model": "<model>", "prompt": "\xff\xfe\xc3("}', None, 400, None),
     ("lone surrogate in prompt", CMPL, raw('{"model": "<model>", "prompt": "\\ud800"}'), None, 400, None),
     ("lone surrogate as a key", CMPL, raw('{"model": "<model>", "prompt": "x", "\\udfff": 1}'), None, 400, None),
-    ("NUL in model name", CMPL, {"model": M + "\x00", "prompt": "x"}, None, 404, "model"),
+    ("NUL in model name", CMPL, {"model": M + "\x00", "prompt": "x"}, None, 400, "model"),
+    ("NUL in the prompt", CMPL, {"model": M, "prompt": "a\x00b"}, None, 400, "prompt"),
+    ("NUL in a batched prompt", CMPL, {"model": M, "prompt": ["ok", "a\x00"]}, None, 400, "prompt[1]"),
+    ("NUL in a chat message", CHAT, {"model": M, "messages": [{"role": "user", "content": "\x00"}]}, None, 400,
+     "messages[0].content"),
+    ("NUL in a stop string", CMPL, {"model": M, "prompt": "x", "stop": ["\x00"]}, None, 400, "stop[0]"),
+    ("NUL in a key", CMPL, {"model": M, "prompt": "x", "\x00": 1}, None, 400, None),
     ("NaN temperature", CMPL, raw('{"model": "<model>", "prompt": "x", "temperature": NaN}'), None, 400, None),
     ("1e999 temperature", CMPL, raw('{"model": "<model>", "prompt": "x", "temperature": 1e999}'), None, 400, None),
     ("n = 10^6", CMPL, {"model": M, "prompt": "x", "n": 10**6}, None, 400, "n"),
@@ -131,12 +137,13 @@ def test_hostile_request_gets_its_4xx(hostile, model_name, path, body, ctype, st
     assert time.monotonic() - started < 30
 
 
-def test_nul_in_the_prompt_is_text(hostile, model_name):
-    """A NUL is a character like any other: the tokenizer takes it, and the answer is valid JSON."""
+def test_a_prompt_with_every_other_control_character_is_text(hostile, model_name):
+    """NUL is refused (above); the other C0 controls are characters like any other, echoed as valid JSON."""
     _, http, _ = hostile
-    resp = http.post(CMPL, json={"model": model_name, "prompt": "a\x00b", "max_tokens": 2, "echo": True})
+    prompt = "".join(map(chr, range(1, 32)))
+    resp = http.post(CMPL, json={"model": model_name, "prompt": prompt, "max_tokens": 2, "echo": True})
     assert resp.status_code == 200, resp.text
-    assert resp.json()["choices"][0]["text"].startswith("a\x00b")
+    assert resp.json()["choices"][0]["text"].startswith(prompt)
 
 
 def test_encoding_a_long_prompt_does_not_stall_the_server(hostile, model_name):

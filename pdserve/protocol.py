@@ -303,4 +303,4 @@ class KVEventBatch(msgspec.Struct, kw_only=True):
     worker_id: str
     epoch: str
     seq: int
-    events: list[KVEvent]
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]  # the tagged union: decodable from msgpack

@@ -29,7 +29,9 @@ class _Inbound:
 class Receiver:
     def __init__(self, worker_id: str, loop, transport: KVTransport, options: WorkerConfig) -> None:
         self.worker_id, self.loop, self.transport, self.options = worker_id, loop, transport, options
-        self._pulling: set[str] = set()  # requests whose blocks a transfer is writing into right now
+        # requests being imported (from before their reservation to the end of the pull): an abort of one
+        # waits, or it would free blocks the reservation is taking or a transfer is writing into
+        self._pulling: set[str] = set()
         self._abort_after_pull: set[str] = set()
         self._inbound: dict[str, _Inbound] = {}  # migration id -> staged blocks
         self.stall_s = 0.0  # fault injection: stages wait this long before copying
@@ -73,12 +75,21 @@ class Receiver:
         """Reserve, pull from the prefill worker, confirm so it frees its blocks, and start decoding."""
         rid = handoff.request.request_id
         start = time.perf_counter()  # the handoff's time runs from reservation to confirmation
-        reservation = await self.reserve(lambda e: e.import_request(handoff.request))
+        self._pulling.add(rid)  # before the reservation: an abort arriving meanwhile waits for the pull
+        try:
+            reservation = await self.reserve(lambda e: e.import_request(handoff.request))
+        except BaseException:
+            self._pulling.discard(rid)
+            self._abort_after_pull.discard(rid)
+            if sender_handle is not None:
+                sender_handle.release.remote(rid)  # nothing will be pulled: the sender may free its blocks
+            raise
         n = reservation.num_cached_blocks
         # finish before the sender's lease runs out, or it may reuse the blocks we are reading
         timeout = min(self.options.pull_timeout_s, handoff.lease_deadline - time.time() - 0.5)
-        self._pulling.add(rid)
         try:
+            if rid in self._abort_after_pull:
+                raise asyncio.CancelledError(f"{rid} was aborted before its KV transfer")
             if timeout <= 0:
                 raise TimeoutError(f"lease for {rid} ends before its KV could be pulled")
             await self.pull(
@@ -144,14 +155,16 @@ class Receiver:
             await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
             raise ValueError(f"migration {final.migration_id}: final at {final.start}, {len(inbound.blocks)} staged")
         have = inbound.blocks if final.start else None  # nothing staged: reuse our own prefix cache instead
+        self._pulling.add(rid)  # before the reservation: an abort arriving meanwhile waits for the pull
         try:
             reservation = await self.reserve(lambda e: e.import_request(final.request, have=have))
         except BaseException:
+            self._pulling.discard(rid)
+            self._abort_after_pull.discard(rid)
             await self.loop.call(lambda e: e.drop_blocks(inbound.blocks))
             raise
         n = reservation.num_cached_blocks  # leading blocks that need no copy (staged, or cached here)
         src = final.src_block_ids[n - final.start :]
-        self._pulling.add(rid)
         try:
             await self.pull(final.source, sender_handle, src, reservation.block_ids[n:], self.options.pull_timeout_s)
         except BaseException:

@@ -47,6 +47,11 @@ class Sender:
             lease.deadline, lease.blocks = deadline, set(block_ids)
         return deadline
 
+    def is_held(self, request_id: str) -> bool:
+        """Its prefill ended and its blocks wait for a receiver, which may be reading them right now."""
+        lease = self._leases.get(request_id)
+        return lease is not None and lease.deadline is not None
+
     def forget(self, request_id: str) -> None:
         """No blocks were held after all (the prefill failed, finished at once, or was cancelled)."""
         self._leases.pop(request_id, None)

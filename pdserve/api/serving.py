@@ -126,9 +126,11 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
         raise bad_request("the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
-    if b"\\u0000" in raw and (where := _nul_at(data)) is not None:  # raw NULs are invalid JSON already
-        what = where or "a key"
-        raise bad_request(f"{what} contains a NUL character (U+0000), which no field accepts", param=where or None)
+    # raw NULs are invalid JSON already; an escaped one only a stop string may hold (it matches output text,
+    # and a byte-level tokenizer can emit U+0000)
+    if b"\\u0000" in raw and (where := _nul_at({k: v for k, v in data.items() if k != "stop"})) is not None:
+        message = f"{where or 'a key'} contains a NUL character (U+0000), which only stop strings accept"
+        raise bad_request(message, param=where or None)
     try:
         return schema.model_validate(data)
     except ValidationError as e:

@@ -55,7 +55,7 @@ CASES = [
     ("NUL in a batched prompt", CMPL, {"model": M, "prompt": ["ok", "a\x00"]}, None, 400, "prompt[1]"),
     ("NUL in a chat message", CHAT, {"model": M, "messages": [{"role": "user", "content": "\x00"}]}, None, 400,
      "messages[0].content"),
-    ("NUL in a stop string", CMPL, {"model": M, "prompt": "x", "stop": ["\x00"]}, None, 400, "stop[0]"),
+    ("NUL in the user field", CMPL, {"model": M, "prompt": "x", "user": "u\x00"}, None, 400, "user"),
     ("NUL in a key", CMPL, {"model": M, "prompt": "x", "\x00": 1}, None, 400, None),
     ("NaN temperature", CMPL, raw('{"model": "<model>", "prompt": "x", "temperature": NaN}'), None, 400, None),
     ("1e999 temperature", CMPL, raw('{"model": "<model>", "prompt": "x", "temperature": 1e999}'), None, 400, None),
@@ -138,7 +138,8 @@ def test_hostile_request_gets_its_4xx(hostile, model_name, path, body, ctype, st
 
 
 def test_a_prompt_with_every_other_control_character_is_text(hostile, model_name):
-    """NUL is refused (above); the other C0 controls are characters like any other, echoed as valid JSON."""
+    """NUL is refused (above; a stop string may hold one: test_generation.py's test_stop_strings); the other
+    C0 controls are characters like any other, echoed as valid JSON."""
     _, http, _ = hostile
     prompt = "".join(map(chr, range(1, 32)))
     resp = http.post(CMPL, json={"model": model_name, "prompt": prompt, "max_tokens": 2, "echo": True})

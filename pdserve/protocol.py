@@ -258,7 +258,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     kv_usage: float
     num_prefill_tokens_queued: int  # prompt tokens admitted but not yet computed
     time: float  # wall clock when taken
-    # batch slots free now (max_num_seqs less running): requests routed here before the next report start
+    # batch slots free now (max_num_seqs less running and waiting): requests routed here before the next report start
     # at once in these rather than wait; 0 when unknown (every routed request is counted as waiting)
     num_free_slots: int = 0
     alive: bool = True

@@ -321,18 +321,16 @@ class Worker(MigrationMixin):
         """Cancel requests in any state here (or where they migrated to); blocks a transfer is still
         writing or reading are freed after it ends: an import's once its pull ends, a prefill's held blocks
         when the receiver confirms (it may be reading them now) or the lease ends."""
-        held = []
+        rest = []  # all but the held prefills, which their lease frees
         for rid in request_ids:
             fut = self._prefills.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.cancel()
             self._first_pending.discard(rid)
             self.outboxes.forget(rid)
-            if self.sender.is_held(rid):
-                held.append(rid)
-            else:
+            if not self.sender.is_held(rid):
                 self.sender.forget(rid)
-        rest = [rid for rid in request_ids if rid not in held]
+                rest.append(rid)
         now = self.receiver.defer_abort(self.migrator.defer_abort(self.sender.follow_aborts(rest)))
         await self._abort_local(now)
 

@@ -23,7 +23,7 @@ DEMO_MODEL_ID = "pdserve-demo"
 class ModelInfo:
     path: str | None  # None: the embedded demo model
     model_id: str  # salts block hashes; also the default served model name
-    config: object  # transformers PretrainedConfig
+    config: object  # transformers PretrainedConfig (the demo's: a `DemoConfig` of the same fields)
     tokenizer: object  # transformers tokenizer
     vocab_size: int
     max_model_len: int
@@ -71,7 +71,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
 
 def load_model_info(path: str | None, max_model_len: int | None = None) -> ModelInfo:
     if path is None:
-        from pdserve.engine.models.demo import demo_config, demo_tokenizer
+        from pdserve.demo_model import demo_config, demo_tokenizer
 
         config, tokenizer, model_id = demo_config(), demo_tokenizer(), DEMO_MODEL_ID
     else:

@@ -124,8 +124,11 @@ class Server:
     """`pdserve serve` in its own session (process group = its pid); stop() leaves nothing of it behind.
     The controller's /metrics (routing decisions, per-worker series) is on a free port too: `controller_url`."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, src: str | None = None) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, src: str | None = None, env: dict | None = None
+    ) -> None:
         self.name, self.args, self.log, self.src = name, args, log_dir / f"server-{name}.log", src
+        self.env = os.environ if env is None else env  # the server's environment (default: this one's)
         self.proc: subprocess.Popen | None = None
         self.controller_url: str | None = None
 
@@ -140,7 +143,7 @@ class Server:
         self.controller_url = f"http://127.0.0.1:{metrics_port}"
         self.cmd = cmd + self.args
         with open(self.log, "w") as log:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [self.src, os.environ.get("PYTHONPATH")]))}
+            env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [self.src, self.env.get("PYTHONPATH")]))}
             self.proc = subprocess.Popen(
                 self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.src, env=env
             )

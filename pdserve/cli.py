@@ -7,18 +7,22 @@ import argparse
 import sys
 import time
 
+from pdserve.protocol import SamplingParams
+
 DEMO_NOTE = "note: no --model given; using pdserve's embedded demo model (random weights: the text is noise)"
+# `pdserve generate` decodes greedily and repeatably by default; every other field is SamplingParams' default
+GENERATE_SAMPLING = SamplingParams(max_tokens=64, temperature=0.0, seed=0)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve import LLM, SamplingParams
+    from pdserve import LLM
+    from pdserve.cli_flags import sampling_params
 
-    llm = LLM(args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks, seed=args.seed)
+    params = sampling_params(args, GENERATE_SAMPLING)
+    engine = _load(args).engine
+    llm = LLM(engine.model, **engine.model_dump(exclude={"model"}))
     if llm.is_demo:
         print(DEMO_NOTE, file=sys.stderr)
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
-    )
     start = time.perf_counter()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -86,17 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(cfg)
     cfg.set_defaults(func=_config)
 
+    from pdserve.cli_flags import add_sampling_flags
+
     gen = sub.add_parser("generate", help="generate a completion offline with one local engine")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded demo)")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-kv-blocks", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    add_sampling_flags(gen, GENERATE_SAMPLING)
+    add_config_flags(gen, section="engine")
     gen.set_defaults(func=_generate)
 
     from pdserve.cli_ops import add_parsers
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pdserve.cli_ray import use_ray_token_auth
+
+    # here, before any command imports Ray: Ray reads RAY_AUTH_MODE once, at its import
+    use_ray_token_auth()
     try:
         return args.func(args)
     except ValueError as e:

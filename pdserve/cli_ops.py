@@ -10,6 +10,12 @@ import signal
 import sys
 import time
 
+from pdserve.cli_ray import call, connect
+
+# a foreground serve whose deployment was shut down from elsewhere stops the Ray it started this long after
+# the deployment's last actor went, so the `pdserve shutdown` driver leaves first (else it waits ~5 s to go)
+DRIVER_GRACE_S = 1.0
+
 
 def serve(config, detach: bool) -> int:
     return asyncio.run(_serve(config, detach))
@@ -64,12 +70,27 @@ async def _run(config, detach: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    signalled, gone = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(dep.wait_gone())
+    elsewhere = None  # None: stopped here (a signal or an error); True: shut down elsewhere; False: died
     try:
-        await stop.wait()
+        await asyncio.wait({signalled, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone.done():
+            elsewhere = gone.result()
     finally:
-        print("pdserve: shutting down", file=sys.stderr, flush=True)
-        await dep.shutdown()
-    return 0
+        signalled.cancel()
+        gone.cancel()
+        if elsewhere is None:
+            print("pdserve: shutting down", file=sys.stderr, flush=True)
+            await dep.shutdown()
+    if elsewhere is None:
+        return 0
+    if elsewhere:
+        print(f"pdserve: deployment {config.name} was shut down from elsewhere; exiting", file=sys.stderr, flush=True)
+        await asyncio.sleep(DRIVER_GRACE_S)
+    else:
+        print(f"pdserve: the controller of deployment {config.name} died; stopping what is left", file=sys.stderr)
+    await dep.shutdown()  # what is left (nothing, after a `pdserve shutdown`), and the Ray this process started
+    return 0 if elsewhere else 1
 
 
 def _announce(config, status: dict, detach: bool) -> None:
@@ -107,24 +128,11 @@ def _model_name(config) -> str:
 
 
 def _controller(args: argparse.Namespace):
-    import os
-
-    # Ray 2.60 clusters (`ray start`, and the local one `pdserve serve` starts) use token auth by default,
-    # but a client given an address turns it on only when told to
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
-
-    from pdserve.config import NAMESPACE
-    from pdserve.controller.deploy import find_controller
-
-    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
-    return find_controller(args.name)
+    return connect(args.address, args.name)
 
 
 def status(args: argparse.Namespace) -> int:
-    import ray
-
-    st = ray.get(_controller(args).status.remote(), timeout=60)
+    st = call(_controller(args).status.remote(), timeout_s=60)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -141,35 +149,25 @@ def status(args: argparse.Namespace) -> int:
 
 
 def scale(args: argparse.Namespace) -> int:
-    import ray
-
     sizes = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated}
     if all(v is None for v in sizes.values()):
         raise ValueError("give at least one of --prefill, --decode, --colocated")
-    targets = ray.get(_controller(args).scale.remote(**sizes), timeout=60)
+    targets = call(_controller(args).scale.remote(**sizes), timeout_s=60)
     print(f"targets now {targets}; workers start or drain in the background ('pdserve status' follows them)")
     return 0
 
 
 def drain(args: argparse.Namespace) -> int:
-    import ray
-
-    ray.get(_controller(args).drain.remote(args.worker_id), timeout=None)
+    call(_controller(args).drain.remote(args.worker_id), timeout_s=None)
     print(f"worker {args.worker_id} drained and stopped; its pool's target shrank by one")
     return 0
 
 
 def migrate(args: argparse.Namespace) -> int:
     import msgspec
-    import ray
 
-    try:
-        records = ray.get(_controller(args).migrate.remote(args.request_id, args.to), timeout=300)
-    except ray.exceptions.RayTaskError as e:  # not running anywhere (KeyError), a bad target (ValueError)
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, (KeyError, ValueError)):
-            raise ValueError(str(cause).strip("'\"")) from None
-        raise
+    # not running anywhere (KeyError) or a bad target (ValueError): one line, exit 2
+    records = call(_controller(args).migrate.remote(args.request_id, args.to), timeout_s=300)
     failed = 0
     for r in records:
         stages = "+".join(str(n) for n in r.blocks_per_stage)
@@ -191,11 +189,11 @@ def shutdown(args: argparse.Namespace) -> int:
     deadline = time.time() + 30
     while (left := deployment_actor_names(args.name)) and time.time() < deadline:
         time.sleep(0.2)
+    ray.shutdown()  # at once: a foreground `pdserve serve` stops its Ray soon after the last actor goes
     if left:
         print(f"pdserve: still listed after shutdown: {left}", file=sys.stderr)
         return 1
     print(f"deployment {args.name} shut down; no named actor of it is left")
-    ray.shutdown()
     return 0
 
 

@@ -27,7 +27,6 @@ from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
 
 log = logging.getLogger(__name__)
 
-MONITOR_INTERVAL_S = 0.2
 DEAD_RECORD_TTL_S = 60.0  # dead workers stay listed in `status` this long
 
 
@@ -44,6 +43,7 @@ class Controller:
         self.lifecycle: Lifecycle | None = None
         self._boot: asyncio.Future | None = None
         self._changed: asyncio.Event | None = None
+        self._shutting_down = asyncio.Event()  # set once, when `shutdown` begins
         self.started_at = time.time()
         self.autoscaler = None
 
@@ -103,7 +103,7 @@ class Controller:
                 self.lifecycle.reconcile(self.serve_http)
             except Exception:  # the monitor must keep running
                 log.exception("controller monitor pass failed")
-            await asyncio.sleep(MONITOR_INTERVAL_S)
+            await asyncio.sleep(self.config.controller.monitor_interval_s)
 
     # ---- data plane's control calls ---------------------------------------------------------------------
     async def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
@@ -224,7 +224,18 @@ class Controller:
         await self._ready()
         return list(self.lifecycle.migrations.history)
 
+    async def wait_shutdown(self, timeout_s: float = 60.0) -> bool:
+        """True once `shutdown` has begun; False after `timeout_s` without it. A long-poll: a foreground
+        `pdserve serve` learns from it that another process shut its deployment down."""
+        await self._ready()
+        try:
+            await asyncio.wait_for(self._shutting_down.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return self._shutting_down.is_set()
+
     async def shutdown(self) -> None:
         """Stop every worker and frontend of the deployment (the caller then kills this actor)."""
+        self._shutting_down.set()
         await self._ready()
         await self.lifecycle.shutdown()

@@ -15,6 +15,9 @@ from pdserve.controller.actor import Controller
 
 log = logging.getLogger(__name__)
 
+WATCH_POLL_S = 300.0  # one long-poll of the controller's `wait_shutdown`
+GONE_TIMEOUT_S = 120.0  # after a shutdown from elsewhere began, how long its actors may take to go
+
 
 class DeploymentExists(ValueError):
     """A deployment of that name already runs in this Ray cluster."""
@@ -70,8 +73,26 @@ class Deployment:
     async def status(self) -> dict:
         return await self.controller.status.remote()
 
+    async def wait_gone(self) -> bool:
+        """Return once the deployment ends without this process: True when another process shut it down
+        (`pdserve shutdown`), after every named actor of it went (or GONE_TIMEOUT_S passed); False when its
+        controller died otherwise. A controller that Ray restarts is not gone."""
+        while True:
+            try:
+                if await self.controller.wait_shutdown.remote(WATCH_POLL_S):
+                    break
+            except ray.exceptions.ActorDiedError:
+                return False
+            except ray.exceptions.ActorUnavailableError:  # restarting, or a network blip
+                await asyncio.sleep(1.0)
+        deadline = asyncio.get_running_loop().time() + GONE_TIMEOUT_S
+        while deployment_actor_names(self.config.name) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        return True
+
     async def shutdown(self) -> None:
-        """Idempotent: stop the client, every worker and frontend, then the controller."""
+        """Idempotent, and quiet when another process already shut the deployment down: stop the client,
+        every worker and frontend, then the controller."""
         if self._closed:
             return
         self._closed = True
@@ -121,7 +142,9 @@ async def deploy(
 async def shutdown_deployment(controller, name: str) -> None:
     try:
         await asyncio.wait_for(controller.shutdown.remote(), 60)
-    except Exception as e:  # a dead controller: its actors are still killed below by name
+    except ray.exceptions.ActorDiedError:  # shut down already (or died): what is left is killed below by name
+        log.info("controller of %s already gone; killing what is left of the deployment by name", name)
+    except Exception as e:  # a hung or failing controller: its actors are still killed below by name
         log.warning("controller shutdown failed (%r); killing the deployment's actors by name", e)
     ray.kill(controller, no_restart=True)
     for actor_name in deployment_actor_names(name):

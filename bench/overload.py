@@ -4,6 +4,11 @@ it accepted against the SLO, its queues over the burst, and how soon after the b
 
     python -m bench.overload                      # starts `pdserve serve` (1 colocated worker, demo model)
     python -m bench.overload --url http://127.0.0.1:8000 --seconds 60 --factor 10
+    python -m bench.overload --src /tmp/old       # serve another source tree (a worktree of an older commit)
+
+The server it starts is sampled every 0.2 s through its controller's /metrics (each worker's running and
+waiting requests, as its last load report gave them): the largest against `engine.max_num_seqs` and
+`routing.max_waiting_per_worker`.
 
 Admission is what the config allows: `routing.max_waiting_per_worker` queued requests per worker (beyond
 `engine.max_num_seqs` running) and `frontend.max_pending` per frontend; size the first to the SLO (waiting
@@ -19,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import aiohttp
 
+MAX_RUNNING, MAX_WAITING = 16, 4  # the server this starts: one colocated worker, admission sized to the SLO
 BODY = {"model": "pdserve-demo", "prompt": "overload " * 8, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
@@ -120,15 +126,51 @@ def summarize(outcomes: list[Outcome], slo_s: float) -> dict:
     }
 
 
-async def run(url: str, args, probe=None) -> dict:
+async def sample_queues(metrics_url: str, interval_s: float, samples: list[tuple[float, int, int]]) -> None:
+    """Append (t, most running, most waiting) over the workers every `interval_s`, from the controller's
+    /metrics, until cancelled."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"pdserve_worker_running_requests": 1, "pdserve_worker_waiting_requests": 2}
+    t0 = time.perf_counter()
+    async with _session() as http:
+        while True:
+            try:
+                async with http.get(f"{metrics_url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    text = await r.text()
+                row = [time.perf_counter() - t0, 0, 0]
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name in names:
+                            row[names[sample.name]] = max(row[names[sample.name]], int(sample.value))
+                samples.append(tuple(row))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(interval_s)
+
+
+async def run(url: str, args, probe=None, metrics_url: str | None = None) -> dict:
     sustainable, refused = await closed_loop(url, BODY, args.concurrency, args.measure_s)
     rate = args.factor * sustainable
     print(f"sustainable {sustainable:.1f} req/s (closed loop, {args.concurrency} clients); burst {rate:.1f} req/s "
           f"for {args.seconds:.0f} s", flush=True)  # fmt: skip
-    outcomes = await open_loop(url, BODY, rate, args.seconds, args.timeout, probe)
+    samples: list[tuple[float, int, int]] = []
+    sampler = asyncio.ensure_future(sample_queues(metrics_url, 0.2, samples)) if metrics_url else None
+    try:
+        outcomes = await open_loop(url, BODY, rate, args.seconds, args.timeout, probe)
+    finally:
+        if sampler is not None:
+            sampler.cancel()
     back = await recovery(url, BODY, args.slo)
     measured = {"sustainable_req_s": sustainable, "refused_while_measuring": refused, "burst_req_s": rate}
-    return {**measured, "recovered_s": back, **summarize(outcomes, args.slo), "outcomes": [asdict(o) for o in outcomes]}
+    queues = {}
+    if samples:
+        queues = {"queue_samples": len(samples), "max_running": max(r for _, r, _ in samples),
+                  "max_waiting": max(w for _, _, w in samples)}  # fmt: skip
+    return {
+        **measured, "recovered_s": back, **summarize(outcomes, args.slo), **queues,
+        "outcomes": [asdict(o) for o in outcomes], "queue_trace": samples,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -141,6 +183,7 @@ def main() -> None:
     ap.add_argument("--slo", type=float, default=5.0, help="end-to-end latency SLO of a 16-token request, seconds")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--out", default="overload")
+    ap.add_argument("--src", default=None, help="the pdserve source tree to serve (default: the installed one)")
     args = ap.parse_args()
     import sys
     import tempfile
@@ -151,16 +194,19 @@ def main() -> None:
 
     server = None
     if args.url is None:
-        flags = ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "1",
-                 "--engine.max-num-seqs", "16", "--routing.max-waiting-per-worker", "4"]  # fmt: skip
-        server = Server("overload", flags, Path(tempfile.mkdtemp(prefix="pdserve-bench-overload-")))
+        flags = ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "1", "--engine.max-num-seqs",
+                 str(MAX_RUNNING), "--routing.max-waiting-per-worker", str(MAX_WAITING)]  # fmt: skip
+        server = Server("overload", flags, Path(tempfile.mkdtemp(prefix="pdserve-bench-overload-")), src=args.src)
         args.url = server.start()
     try:
-        result = asyncio.run(run(args.url, args))
+        result = asyncio.run(run(args.url, args, metrics_url=server.controller_url if server else None))
     finally:
         if server is not None:
             server.stop()
-    rows = [{k: v for k, v in result.items() if k not in ("outcomes", "other_samples")}]
+    if "max_waiting" in result:
+        print(f"largest sampled queue: {result['max_waiting']} waiting (bound {MAX_WAITING}), {result['max_running']} "
+              f"running (bound {MAX_RUNNING}), over {result['queue_samples']} samples")  # fmt: skip
+    rows = [{k: v for k, v in result.items() if k not in ("outcomes", "other_samples", "queue_trace")}]
     print_table(rows, list(rows[0]))
     print(f"other answers: {json.dumps(result['other_samples'])}")
     print(f"wrote {write_json(args.out, {'args': vars(args), **result})}")

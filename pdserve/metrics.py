@@ -109,6 +109,12 @@ class Metrics:
         )
         for cause in ("before_first_token", "mid_stream"):  # zeros before the first retry
             self.request_retries.labels(cause)
+        self.admission_refusals = Counter(
+            "pdserve_request_admission_refusals_total",
+            "Times a worker refused a request this frontend routed to it (at its admission bound), each followed "
+            "by another route or a 429; by worker in the controller's pdserve_worker_admission_refusals_total",
+            registry=r,
+        )
 
         # ---- per-worker gauges of an in-process engine (LocalClient.stats()); a deployment's per-worker
         # series come from its controller instead, once however many frontends run --------------------------------

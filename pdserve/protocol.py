@@ -194,6 +194,17 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     prefill_s: float  # first scheduled -> first token
 
 
+class Refused(msgspec.Struct, kw_only=True):
+    """A worker's answer to a request it will not admit (nothing was reserved or started for it): it has
+    `num_admitted` requests running, queued, importing or holding a reserved slot, and takes at most `limit`
+    (`engine.max_num_seqs` + `routing.max_waiting_per_worker`). The frontend routes the request elsewhere."""
+
+    worker_id: str
+    reason: str  # "full" (at its bound), or why else it refuses
+    num_admitted: int = 0
+    limit: int = 0
+
+
 class DecodeStarted(msgspec.Struct, kw_only=True):
     kv_transfer_s: float
     num_bytes: int  # bytes pulled (blocks the receiver already cached are not pulled)
@@ -267,6 +278,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     prefix_prompt_tokens_total: int = 0
     prefix_hit_tokens_total: int = 0
     num_requests_total: int = 0  # requests admitted (generate, prefill, or a KV import), cumulative
+    num_refused_total: int = 0  # requests refused at the admission bound (a `Refused` answer), cumulative
     num_generated_tokens_total: int = 0  # tokens sampled here, cumulative (decode throughput's numerator)
 
 
@@ -286,6 +298,8 @@ class RouteRequest(msgspec.Struct, kw_only=True):
     num_prompt_tokens: int
     max_tokens: int
     block_hashes: list[BlockHash] = msgspec.field(default_factory=list)  # the prompt's full blocks (hashing.py)
+    # workers that refused this request (a `Refused` answer): not picked again, and held full until they report
+    exclude: list[str] = msgspec.field(default_factory=list)
 
 
 class Route(msgspec.Struct, kw_only=True):

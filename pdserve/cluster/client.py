@@ -27,7 +27,7 @@ from pdserve.config import ServeConfig
 from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerDraining, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo, load_model_info
-from pdserve.protocol import EngineRequest, Route, RouteRequest, SamplingParams, TokenDelta
+from pdserve.protocol import EngineRequest, PrefillResult, Refused, Route, RouteRequest, SamplingParams, TokenDelta
 from pdserve.scheduler.router import NoCapacity
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class ClusterClient:
         self.router = RouteBatcher(controller, config.failure.controller_timeout_s)
         self.block_size = config.engine.block_size
         self.max_retries = config.failure.max_request_retries
+        self.admission_retries = config.routing.admission_retries
+        self.stream_gap_timeout_s = config.frontend.stream_gap_timeout_s
         self.metrics = metrics
         self._root = root_hash(info.model_id)
         self.members = Membership(controller, self._deliver, self._worker_left, config.failure.controller_timeout_s)
@@ -137,27 +139,22 @@ class ClusterClient:
             request_id=rid, prompt_token_ids=prompt, params=params, arrival_time=arrival,
             reply_to=self.members.consumer, cache_salt=salt,
         )  # fmt: skip
-        route = await self._route(req)
         expected = 0  # the next token index this attempt's stream must deliver
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
-        self._owner[rid] = route.decode_worker
-        touched = self._touched[rid] = {route.decode_worker, route.prefill_worker} - {None}
+        touched = self._touched[rid] = set()  # workers that may hold something of it (aborted there at the end)
         finished = False
         try:
-            decode = self.members.handle(route.decode_worker)
-            if route.prefill_worker is None:
-                await self._call(route.decode_worker, decode.generate.remote(req))
-            else:
-                prefill = self.members.handle(route.prefill_worker)
-                ref = prefill.prefill.remote(req, route.decode_worker, decode)
-                result = await self._call(route.prefill_worker, ref)
+            route, result = await self._admit(req, touched)
+            if result is not None:  # prefilled on a prefill worker: the first token, then the KV handoff
+                decode, prefill = self.members.handle(route.decode_worker), self.members.handle(route.prefill_worker)
                 self._observe_prefill(result, arrival)
                 finished = result.delta.finished
                 result.delta.request_id = request_id
                 yield result.delta
                 expected = 1
                 if finished:
+                    decode.abort.remote([rid])  # the slot it reserved: nothing will arrive there
                     return
                 try:
                     started = await self._call(
@@ -165,8 +162,10 @@ class ClusterClient:
                     )
                 except ray.exceptions.RayTaskError as e:  # the pull failed (e.g. the prefill worker died)
                     raise WorkerFailed(f"the KV handoff of {rid} failed: {last_line(e)}") from None
+                if isinstance(started, Refused):  # its reserved slot was gone: continue elsewhere
+                    raise WorkerDraining(f"worker {started.worker_id} refused the KV handoff of {rid} (full)")
                 self._observe_transfer(started)
-            async for item in _in_order(queue, expected):
+            async for item in _in_order(queue, expected, self.stream_gap_timeout_s):
                 finished = item.finished
                 item.request_id = request_id
                 yield item
@@ -182,7 +181,45 @@ class ClusterClient:
                     if handle is not None:
                         handle.abort.remote([rid])
 
-    async def _route(self, req: EngineRequest) -> Route:
+    async def _admit(self, req: EngineRequest, touched: set[str]) -> tuple[Route, PrefillResult | None]:
+        """Route `req` and have it admitted: started on a colocated or decode worker (None), or prefilled on
+        a prefill worker after its decode worker reserved a slot for it (the first token and the handoff).
+        Each worker is the authority on its own queue: one at its bound answers `Refused` (nothing started
+        there) and the router is asked again without it, `routing.admission_retries` times at most; then
+        the request is `Overloaded` (429). The router's estimate only steers."""
+        rid, exclude = req.request_id, []
+        for _ in range(self.admission_retries + 1):
+            route = await self._route(req, exclude)
+            decode = self.members.handle(route.decode_worker)
+            self._owner[rid] = route.decode_worker
+            touched.add(route.decode_worker)
+            if route.prefill_worker is None:
+                refused = await self._call(route.decode_worker, decode.generate.remote(req))
+                if refused is None:
+                    return route, None
+            else:
+                refused = await self._call(route.decode_worker, decode.reserve.remote(req))
+                if refused is None:
+                    prefill = self.members.handle(route.prefill_worker)
+                    touched.add(route.prefill_worker)
+                    ref = prefill.prefill.remote(req, route.decode_worker, decode)
+                    result = await self._call(route.prefill_worker, ref)
+                    if not isinstance(result, Refused):
+                        return route, result
+                    refused = result
+                    decode.abort.remote([rid])  # give back the slot it reserved
+                    touched.discard(route.decode_worker)
+            touched.discard(refused.worker_id)
+            exclude.append(refused.worker_id)
+            if self.metrics is not None:
+                self.metrics.admission_refusals.inc()
+        raise Overloaded(
+            f"workers {', '.join(exclude)} refused the request at their admission bounds "
+            f"(engine.max_num_seqs running + routing.max_waiting_per_worker queued)",
+            retry_after=1.0,
+        )
+
+    async def _route(self, req: EngineRequest, exclude: list[str] = ()) -> Route:
         root = self._root if req.cache_salt is None else root_hash(self.info.model_id, req.cache_salt)
         hashes = block_hashes(req.prompt_token_ids, self.block_size, root)  # as the engines hash them
         rr = RouteRequest(
@@ -190,6 +227,7 @@ class ClusterClient:
             num_prompt_tokens=len(req.prompt_token_ids),
             max_tokens=req.params.max_tokens,
             block_hashes=hashes,
+            exclude=list(exclude),
         )
         try:
             route = await self.router.route(rr)
@@ -247,16 +285,14 @@ class ClusterClient:
         await self.members.stop()
 
 
-GAP_WAIT_S = 5.0  # a token index missing this long (while later ones wait) is lost: fail the attempt
-
-
-async def _in_order(queue: asyncio.Queue, expected: int) -> AsyncIterator[TokenDelta]:
+async def _in_order(queue: asyncio.Queue, expected: int, gap_timeout_s: float) -> AsyncIterator[TokenDelta]:
     """The queue's deltas in token order. After a migration the new source's first tokens may arrive before
-    the old source's last ones (two pollers): later deltas wait for the gap to fill, up to GAP_WAIT_S."""
+    the old source's last ones (two pollers): later deltas wait for the gap to fill, up to `gap_timeout_s`
+    (`frontend.stream_gap_timeout_s`); then the missing token is lost and the attempt fails."""
     pending: dict[int, TokenDelta] = {}
     while True:
         try:
-            item = await asyncio.wait_for(queue.get(), GAP_WAIT_S if pending else None)
+            item = await asyncio.wait_for(queue.get(), gap_timeout_s if pending else None)
         except asyncio.TimeoutError:
             raise StreamGap(f"token {expected} never came (later ones did: {sorted(pending)[:4]})") from None
         if isinstance(item, Exception):

@@ -42,6 +42,12 @@ class _RegistryCollector:
             "Tokens sampled on a worker (its decode throughput, as a rate)",
             labels=labels,
         )
+        refused = CounterMetricFamily(
+            "pdserve_worker_admission_refusals",
+            "Requests a worker refused at its admission bound (engine.max_num_seqs running plus "
+            "routing.max_waiting_per_worker queued); each was routed elsewhere or answered 429",
+            labels=labels,
+        )
         hit = CounterMetricFamily(
             "pdserve_prefix_cache_hit_tokens",
             "Prompt tokens served from that worker's prefix cache (numerator of its prefix hit rate)",
@@ -62,11 +68,12 @@ class _RegistryCollector:
             prompt.add_metric([rec.worker_id], s.prefix_prompt_tokens_total)
             hit.add_metric([rec.worker_id], s.prefix_hit_tokens_total)
             generated.add_metric([rec.worker_id, rec.role], s.num_generated_tokens_total)
+            refused.add_metric([rec.worker_id, rec.role], s.num_refused_total)
         for (role, state), n in counts.items():
             pools.add_metric([role, state], n)
         for role, n in reg.targets.items():
             target.add_metric([role], n)
-        yield from (running, waiting, usage, queued, prompt, hit, generated, pools, target)
+        yield from (running, waiting, usage, queued, prompt, hit, generated, refused, pools, target)
 
 
 class ControllerMetrics:

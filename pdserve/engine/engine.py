@@ -45,12 +45,39 @@ class LLMEngine(HandoffMixin):
         self.num_preemptions_total = 0
         self.num_generated_tokens_total = 0
         self.parked_ids: list[str] = []  # parked under memory pressure since the worker last took them
+        # The admission bound (None: none, as offline): at most max_num_seqs + max_waiting requests admitted.
+        # Admitted: running, parked, waiting, importing (WAITING_FOR_REMOTE_KVS), or holding a reserved slot.
+        self.max_waiting: int | None = None
+        self.reserved_slots: set[str] = set()  # requests whose KV will arrive by a handoff (decode side)
 
     @property
     def kv_cache(self) -> torch.Tensor:
         return self.runner.kv_cache
 
     # ---- admission -------------------------------------------------------------------------------
+    @property
+    def admission_limit(self) -> int | None:
+        return None if self.max_waiting is None else self.scheduler.max_num_seqs + self.max_waiting
+
+    def num_admitted(self) -> int:
+        sched = self.scheduler
+        importing = sum(r.status is Status.WAITING_FOR_REMOTE_KVS for r in self.requests.values())
+        return len(sched.running) + len(sched.parked) + len(sched.waiting) + importing + len(self.reserved_slots)
+
+    def has_room(self, request_id: str) -> bool:
+        """Whether `request_id` may enter now: it holds a reserved slot, or fewer than the bound are admitted.
+        The engine is the authority on its own queue: a caller checks this and adds in one engine command."""
+        limit = self.admission_limit
+        return limit is None or request_id in self.reserved_slots or self.num_admitted() < limit
+
+    def reserve_slot(self, request_id: str) -> bool:
+        """Count a request whose KV will come by a handoff as admitted now (its import takes the slot over;
+        `abort` gives it back). False, and nothing changes, when the engine is at its bound."""
+        if not self.has_room(request_id):
+            return False
+        self.reserved_slots.add(request_id)
+        return True
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem; the engine is unchanged."""
         self.info.validate(prompt_token_ids, params)
@@ -90,9 +117,11 @@ class LLMEngine(HandoffMixin):
         self.validate(prompt_token_ids, params)
         req = self._new_request(request_id, prompt_token_ids, params, role, cache_salt)
         self.requests[request_id] = req
+        self.reserved_slots.discard(request_id)
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
+        self.reserved_slots.discard(request_id)
         req = self.requests.get(request_id)
         if req is None:
             return False
@@ -214,8 +243,9 @@ class LLMEngine(HandoffMixin):
         return {
             "num_running": len(sched.running) + len(sched.parked),
             "num_waiting": len(sched.waiting),
-            "num_free_slots": max(0, sched.max_num_seqs - len(sched.running) - len(sched.waiting)),
-            "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values()),
+            "num_free_slots": max(0, sched.max_num_seqs - self.num_admitted()),
+            "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values())
+            + len(self.reserved_slots),
             "num_free_blocks": self.blocks.num_free_blocks,
             "num_blocks": self.blocks.num_blocks,
             "kv_usage": self.blocks.usage,

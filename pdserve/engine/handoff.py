@@ -161,6 +161,7 @@ class HandoffMixin:
         req.num_cached_blocks = 0 if have is not None else len(cached)  # staged blocks get cached at finish
         req.status = Status.WAITING_FOR_REMOTE_KVS
         self.requests[req.request_id] = req
+        self.reserved_slots.discard(req.request_id)  # counted as importing from now on
         return KVReservation(request_id=req.request_id, block_ids=list(req.block_ids), num_cached_blocks=len(cached))
 
     def finish_import(self, request_id: str) -> None:

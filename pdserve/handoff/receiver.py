@@ -71,19 +71,23 @@ class Receiver:
                 raise r
 
     # ---- prefill -> decode -------------------------------------------------------------------------------
-    async def import_handoff(self, handoff: KVHandoff, sender_handle) -> DecodeStarted:
-        """Reserve, pull from the prefill worker, confirm so it frees its blocks, and start decoding."""
+    async def import_handoff(self, handoff: KVHandoff, sender_handle) -> DecodeStarted | int:
+        """Reserve, pull from the prefill worker, confirm so it frees its blocks, and start decoding. An int:
+        the engine is at its admission bound (that many admitted) and the request holds no reserved slot;
+        nothing was reserved, and the sender was told to free its blocks."""
         rid = handoff.request.request_id
         start = time.perf_counter()  # the handoff's time runs from reservation to confirmation
         self._pulling.add(rid)  # before the reservation: an abort arriving meanwhile waits for the pull
         try:
-            reservation = await self.reserve(lambda e: e.import_request(handoff.request))
+            reservation = await self.reserve(
+                lambda e: e.import_request(handoff.request) if e.has_room(rid) else e.num_admitted()
+            )
         except BaseException:
-            self._pulling.discard(rid)
-            self._abort_after_pull.discard(rid)
-            if sender_handle is not None:
-                sender_handle.release.remote(rid)  # nothing will be pulled: the sender may free its blocks
+            self._not_importing(rid, sender_handle)
             raise
+        if isinstance(reservation, int):
+            self._not_importing(rid, sender_handle)
+            return reservation
         n = reservation.num_cached_blocks
         # finish before the sender's lease runs out, or it may reuse the blocks we are reading
         timeout = min(self.options.pull_timeout_s, handoff.lease_deadline - time.time() - 0.5)
@@ -106,6 +110,12 @@ class Receiver:
         elapsed = time.perf_counter() - start
         await self._finish(rid)
         return DecodeStarted(kv_transfer_s=elapsed, num_bytes=(len(handoff.block_ids) - n) * self.layout_bytes)
+
+    def _not_importing(self, rid: str, sender_handle) -> None:
+        self._pulling.discard(rid)
+        self._abort_after_pull.discard(rid)
+        if sender_handle is not None:
+            sender_handle.release.remote(rid)  # nothing will be pulled: the sender may free its blocks
 
     async def _finish(self, rid: str) -> None:
         self._pulling.discard(rid)
@@ -157,7 +167,11 @@ class Receiver:
         have = inbound.blocks if final.start else None  # nothing staged: reuse our own prefix cache instead
         self._pulling.add(rid)  # before the reservation: an abort arriving meanwhile waits for the pull
         try:
-            reservation = await self.reserve(lambda e: e.import_request(final.request, have=have))
+            reservation = await self.reserve(
+                lambda e: e.import_request(final.request, have=have) if e.has_room(rid) else None
+            )
+            if reservation is None:
+                raise RuntimeError(f"{self.worker_id} is at its admission bound: no room for {rid}")
         except BaseException:
             self._pulling.discard(rid)
             self._abort_after_pull.discard(rid)

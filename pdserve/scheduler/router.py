@@ -47,11 +47,8 @@ class RouterConfig(RoutingConfig):
 class Router:
     def __init__(self, config: RouterConfig | None = None, policy: RoutingPolicy | None = None) -> None:
         self.config = config = config or RouterConfig()
-        options = dict(config.policy_options)
-        if config.policy == "prefix_aware" and config.temperature:
-            options.setdefault("temperature", config.temperature)
-        self.policy = policy or make_policy(config.policy, block_size=config.block_size, **options)
-        self.index = PrefixIndex(config.max_index_blocks)
+        self.policy = policy or make_policy(config.policy, config.options(), block_size=config.block_size)
+        self.index = PrefixIndex(config.max_index_blocks, config.prediction_ttl_s)
         self.views: dict[str, WorkerView] = {}
         self.pools = {"prefill": Pool("prefill", self.policy), "decode": Pool("decode", self.policy)}
         # worker -> (times, tokens, blocks) of the decisions since its last report, as parallel lists so a
@@ -86,6 +83,8 @@ class Router:
             self.remove(stats.worker_id)
             return True
         view.num_running, view.num_waiting = stats.num_running, stats.num_waiting
+        if stats.time > view.refused_at:
+            view.refused_at = 0.0
         view.num_free_slots = stats.num_free_slots
         view.num_prefill_tokens_queued = stats.num_prefill_tokens_queued
         view.num_free_blocks, view.num_blocks, view.kv_usage = stats.num_free_blocks, stats.num_blocks, stats.kv_usage
@@ -127,9 +126,13 @@ class Router:
         decode_pool, prefill_pool = self.pools["decode"], self.pools["prefill"]
         if not decode_pool.views:
             raise NoCapacity("no decode or colocated worker is alive", retry_after=5.0, unavailable=True)
+        now = time.time()
+        for worker_id in req.exclude:  # each refused this request at its bound: the estimate was behind
+            if (view := self.views.get(worker_id)) is not None:
+                view.refused_at = now
 
         def admits_prefill(w: WorkerView) -> bool:
-            return w.queue_depth < max_waiting
+            return not w.refused_at and w.queue_depth < max_waiting
 
         def admits_decode(w: WorkerView) -> bool:
             return admits_prefill(w) and (not w.num_blocks or w.num_blocks - w.used_blocks >= need_blocks)

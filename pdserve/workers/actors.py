@@ -12,7 +12,7 @@ import sys
 
 import ray
 
-from pdserve.config import EngineConfig, MigrationConfig, WorkerConfig
+from pdserve.config import EngineConfig, KVConfig, MigrationConfig, WorkerConfig
 from pdserve.protocol import EngineRequest, KVHandoff, MigrationFinal, MigrationStage, PeerInfo
 
 
@@ -24,10 +24,11 @@ class _WorkerActor:
         worker_id: str,
         config: EngineConfig,
         options: WorkerConfig,
-        transport: str,
+        transport: KVConfig,
         migration: MigrationConfig | None = None,
+        max_waiting: int | None = None,
     ) -> None:
-        self._args = (worker_id, config, options, transport, migration)
+        self._args = (worker_id, config, options, transport, migration, max_waiting)
         self._note: dict = {}
         self.w = None  # the Worker, built by start()
 
@@ -35,8 +36,8 @@ class _WorkerActor:
         if self.w is None:
             from pdserve.workers.worker import Worker  # here: whoever creates the actor need not load torch
 
-            worker_id, config, options, transport, migration = self._args
-            self.w = Worker(worker_id, self.role, config, options, transport, _exit_process, migration)
+            worker_id, config, options, transport, migration, max_waiting = self._args
+            self.w = Worker(worker_id, self.role, config, options, transport, _exit_process, migration, max_waiting)
             self.w.migrator.self_handle = ray.get_runtime_context().current_actor
         return self.w.peer_info()
 
@@ -89,8 +90,8 @@ class _WorkerActor:
     async def abort(self, request_ids: list[str]) -> None:
         await self.w.abort(request_ids)
 
-    async def generate(self, req: EngineRequest) -> None:
-        await self.w.generate(req)
+    async def generate(self, req: EngineRequest):
+        return await self.w.generate(req)
 
     # ---- the handoff: every role can send (a prefill's blocks, a migration's source) ----
     async def release(self, request_id: str) -> bool:
@@ -128,6 +129,9 @@ class _PrefillMixin:
 
 
 class _DecodeMixin:
+    async def reserve(self, req: EngineRequest):
+        return await self.w.reserve(req)
+
     async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = ""):
         return await self.w.decode(handoff, prefill_handle, reply_to)
 

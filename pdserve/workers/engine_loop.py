@@ -2,7 +2,9 @@
 
 The engine is single-threaded: every call into it (add, abort, export, import, stats) is a command run
 on the engine thread between steps. After each step the loop hands all of that step's deltas to
-`on_outputs` in one call (on the engine thread), so consumers batch per step, not per token.
+`on_outputs` in one call (on the engine thread), so consumers batch per step, not per token. A command
+submitted `after_step` runs right after the next step instead (at once when the engine is idle): a load
+report taken there sees the batch as the scheduler formed it, so "waiting" means found no slot.
 If the engine raises, the loop logs the traceback, fails every queued and later command with
 `ServiceUnavailable`, and calls `on_error` once (on the engine thread): the owner must stop serving.
 """
@@ -36,25 +38,27 @@ class EngineLoop:
         self._on_outputs = on_outputs
         self._on_error = on_error
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._after_step: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._wake = threading.Condition()
         self._stopped = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
-        """Run `fn(engine)` on the engine thread before its next step; the future holds its result."""
+    def submit(self, fn: Callable[[LLMEngine], Any], after_step: bool = False) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the engine thread before its next step (`after_step`: right after it); the
+        future holds its result."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             if self._stopped:
                 fut.set_exception(self._stopped_error())
                 return fut
-            self._commands.append((lambda: fn(self.engine), fut))
+            (self._after_step if after_step else self._commands).append((lambda: fn(self.engine), fut))
             self._wake.notify()
         return fut
 
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        return await asyncio.wrap_future(self.submit(fn))
+    async def call(self, fn: Callable[[LLMEngine], Any], after_step: bool = False) -> Any:
+        return await asyncio.wrap_future(self.submit(fn, after_step))
 
     def stop(self) -> None:
         """Idempotent: finish the current step, fail queued commands, join the thread."""
@@ -69,31 +73,29 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def _run(self) -> None:
+        after: list = []  # taken for after the current step: failed with the rest if the step raises
         try:
             while True:
                 with self._wake:
-                    while not self._stopped and not self._commands and not self.engine.has_unfinished():
+                    while not (self._stopped or self._commands or self._after_step or self.engine.has_unfinished()):
                         self._wake.wait()
                     if self._stopped:
                         break
                     commands, self._commands = self._commands, []
-                for fn, fut in commands:
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as e:  # handed to the caller
-                            fut.set_exception(e)
+                    after, self._after_step = self._after_step, []
+                _run_commands(commands)
                 if self.engine.has_unfinished():
                     deltas = self.engine.step()
                     if deltas or self.engine.parked_ids:
                         self._on_outputs(deltas)
+                _run_commands(after)
         except BaseException as e:  # the engine is broken: report it, fail whoever waits, tell the owner
             self.error = e
             log.critical("%s: the engine failed and stops serving", self.name, exc_info=e)
         finally:
             with self._wake:
                 self._stopped = True
-                pending, self._commands = self._commands, []
+                pending, self._commands, self._after_step = self._commands + self._after_step + after, [], []
             for _, fut in pending:
                 if not fut.done():
                     fut.set_exception(self._stopped_error())
@@ -104,3 +106,12 @@ class EngineLoop:
         if self.error is None:
             return ServiceUnavailable(f"{self.name}: engine loop is stopped")
         return ServiceUnavailable(f"{self.name}: the engine failed: {type(self.error).__name__}: {self.error}")
+
+
+def _run_commands(commands: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+    for fn, fut in commands:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)

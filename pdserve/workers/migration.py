@@ -11,8 +11,6 @@ from pdserve.protocol import MigrationFinal, MigrationRecord, MigrationStage, St
 
 log = logging.getLogger(__name__)
 
-FIRST_TOKEN_WAIT_S = 5.0  # a migration's target waits at least this long for the resumed request's first token
-
 
 class MigrationMixin:
     """Needs the Worker's engine, loop, outboxes, receiver, migrator, migration config and _controller."""
@@ -52,7 +50,8 @@ class MigrationMixin:
             raise
         self.num_requests_total += 1
         try:
-            wait = max(FIRST_TOKEN_WAIT_S, self.migration.stage_timeout_s / 2)  # a recompute takes a prefill
+            m = self.migration
+            wait = max(m.first_token_wait_s, m.stage_timeout_s / 2)  # a recompute takes a prefill
             result.first_token_at = await asyncio.wait_for(asyncio.shield(waiter), wait)
         except asyncio.TimeoutError:
             self._first_token.pop(rid, None)

@@ -22,7 +22,9 @@ async def report_loop(worker) -> None:
     while True:
         try:
             if pending is None:
-                pending = asyncio.ensure_future(worker.loop.call(lambda e: (e.stats(), e.take_kv_events())))
+                # after a step: its batch is formed, so the report's waiting requests are those without a slot
+                stats = worker.loop.call(lambda e: (e.stats(), e.take_kv_events()), after_step=True)
+                pending = asyncio.ensure_future(stats)
             done, _ = await asyncio.wait([pending], timeout=worker.options.report_interval_s)
             events = []
             if done:

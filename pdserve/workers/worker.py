@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pdserve.config import ROLES, EngineConfig, MigrationConfig, WorkerConfig
+from pdserve.config import ROLES, EngineConfig, KVConfig, MigrationConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine_client import WorkerDraining, WorkerFailed
 from pdserve.handoff import Migrator, Receiver, Sender
@@ -23,6 +23,7 @@ from pdserve.protocol import (
     KVLayout,
     PeerInfo,
     PrefillResult,
+    Refused,
     TokenDelta,
     WorkerStats,
 )
@@ -44,10 +45,13 @@ class Worker(MigrationMixin):
         role: str,
         config: EngineConfig,
         options: WorkerConfig,
-        transport: str = "nixl",
+        transport: KVConfig | str = "nixl",
         on_fatal: Callable[[BaseException], None] | None = None,
         migration: MigrationConfig | None = None,
+        max_waiting: int | None = None,
     ) -> None:
+        """`max_waiting`: requests admitted past `config.max_num_seqs` before this worker refuses more
+        (`routing.max_waiting_per_worker`; None: no bound)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if options.torch_threads:
@@ -58,11 +62,14 @@ class Worker(MigrationMixin):
         self.migration = migration or MigrationConfig()
         self._on_fatal = on_fatal
         self.engine = LLMEngine(config)
+        self.engine.max_waiting = max_waiting
         self.engine.scheduler.park_on_pressure = self.migration.on_out_of_blocks and role != "prefill"
         self.layout = _layout(self.engine)
-        from pdserve.kv.transport import make_transport
+        from pdserve.kv.transport import make_transport, transport_options
 
-        self.transport = make_transport(transport, worker_id, self.engine.kv_cache, self.layout)
+        kv = transport if isinstance(transport, KVConfig) else KVConfig(transport=transport)  # a kind: its defaults
+        options_ = transport_options(kv)
+        self.transport = make_transport(kv.transport, worker_id, self.engine.kv_cache, self.layout, **options_)
         self._aio = asyncio.get_running_loop()
         self.outboxes = Outboxes()
         self.loop = EngineLoop(
@@ -81,6 +88,7 @@ class Worker(MigrationMixin):
         self.prefix_prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
         self.num_requests_total = 0
+        self.num_refused_total = 0
         self.started_at = time.time()
         self._tasks = [asyncio.ensure_future(self._housekeeping())]
 
@@ -132,7 +140,8 @@ class Worker(MigrationMixin):
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.loop.alive,
             draining=self._draining, prefix_prompt_tokens_total=self.prefix_prompt_tokens_total,
-            prefix_hit_tokens_total=self.prefix_hit_tokens_total, num_requests_total=self.num_requests_total, **raw,
+            prefix_hit_tokens_total=self.prefix_hit_tokens_total, num_requests_total=self.num_requests_total,
+            num_refused_total=self.num_refused_total, **raw,
         )  # fmt: skip
 
     async def leak_report(self) -> str | None:
@@ -257,32 +266,70 @@ class Worker(MigrationMixin):
         if self._draining or self._closed:
             raise WorkerDraining(f"worker {self.worker_id} is draining and takes no new requests")
 
-    async def generate(self, req: EngineRequest) -> None:
-        """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs."""
+    def _refused(self, num_admitted: int) -> Refused:
+        self.num_refused_total += 1
+        return Refused(
+            worker_id=self.worker_id, reason="full", num_admitted=num_admitted, limit=self.engine.admission_limit or 0
+        )
+
+    async def _add(self, req: EngineRequest, role: str) -> int | None:
+        """Add `req` to the engine if it has room, in one engine command; else how many it has admitted."""
+
+        def add(e: LLMEngine) -> int | None:
+            if not e.has_room(req.request_id):
+                return e.num_admitted()
+            e.add_request(req.request_id, req.prompt_token_ids, req.params, role, req.cache_salt)
+            return None
+
+        return await self.loop.call(add)
+
+    async def generate(self, req: EngineRequest) -> Refused | None:
+        """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs. A `Refused`
+        answer (at the admission bound) means nothing was started: route it elsewhere."""
         self._admit_check()
         self.outboxes.register(req.request_id, req.reply_to)
-        self.num_requests_total += 1
         self._first_pending.add(req.request_id)
         try:
-            await self.loop.call(
-                lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, cache_salt=req.cache_salt)
-            )
+            full = await self._add(req, "colocated")
         except BaseException:
             self._first_pending.discard(req.request_id)
+            self.outboxes.forget(req.request_id)
             raise
+        if full is not None:
+            self._first_pending.discard(req.request_id)
+            self.outboxes.forget(req.request_id)
+            return self._refused(full)
+        self.num_requests_total += 1
+        return None
 
-    async def prefill(self, req: EngineRequest, decode_worker: str = "", decode_handle=None) -> PrefillResult:
-        """Compute the prompt and the first token; hold the blocks under a lease for `decode_worker`."""
+    async def reserve(self, req: EngineRequest) -> Refused | None:
+        """Decode role, before the request's prefill elsewhere: count it as admitted here, so the KV handoff
+        that follows (`decode`) finds room. Refused: nothing is reserved. An abort gives the slot back, and
+        so does the consumer timeout of a frontend that never follows up."""
+        self._admit_check()
+        self.outboxes.register(req.request_id, req.reply_to)
+        full = await self.loop.call(lambda e: None if e.reserve_slot(req.request_id) else e.num_admitted())
+        if full is not None:
+            self.outboxes.forget(req.request_id)
+            return self._refused(full)
+        return None
+
+    async def prefill(self, req: EngineRequest, decode_worker: str = "", decode_handle=None) -> PrefillResult | Refused:
+        """Compute the prompt and the first token; hold the blocks under a lease for `decode_worker`. A
+        `Refused` answer (at the admission bound) means nothing was started."""
         self._admit_check()
         fut = self._aio.create_future()
         self._prefills[req.request_id] = fut
         self.sender.hold(req.request_id, decode_worker, decode_handle)
         self._first_pending.add(req.request_id)
-        self.num_requests_total += 1
         try:
-            await self.loop.call(
-                lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, "prefill", req.cache_salt)
-            )
+            full = await self._add(req, "prefill")
+            if full is not None:
+                self._prefills.pop(req.request_id, None)
+                self.sender.forget(req.request_id)
+                self._first_pending.discard(req.request_id)
+                return self._refused(full)
+            self.num_requests_total += 1
             result = await asyncio.shield(fut)
         except BaseException:
             self._prefills.pop(req.request_id, None)
@@ -302,17 +349,22 @@ class Worker(MigrationMixin):
         """The sender's step of a two-sided transport, for blocks held for `receiver`."""
         await self.sender.serve(receiver, block_ids, key, timeout_s)
 
-    async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = "") -> DecodeStarted:
+    async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = "") -> DecodeStarted | Refused:
         """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding;
-        tokens go to `reply_to`'s outbox."""
+        tokens go to `reply_to`'s outbox. Takes over the slot `reserve` kept; without one (aborted, or never
+        reserved) and at the bound it is `Refused`, and the prefill worker may free its blocks."""
         self._admit_check()
         self.outboxes.register(handoff.request.request_id, reply_to)
-        self.num_requests_total += 1
         try:
-            return await self.receiver.import_handoff(handoff, prefill_handle)
+            started = await self.receiver.import_handoff(handoff, prefill_handle)
         except BaseException:
             self.outboxes.forget(handoff.request.request_id)
             raise
+        if isinstance(started, int):
+            self.outboxes.forget(handoff.request.request_id)
+            return self._refused(started)
+        self.num_requests_total += 1
+        return started
 
     async def ping(self) -> bool:
         return True

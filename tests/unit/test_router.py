@@ -6,6 +6,7 @@ import time
 import pytest
 
 from pdserve.hashing import block_hashes, root_hash
+from pdserve.policy_options import PrefixAwareOptions
 from pdserve.protocol import BlockStored, KVEventBatch, RouteRequest, WorkerStats
 from pdserve.scheduler.policies import (
     POLICIES,
@@ -85,7 +86,7 @@ def test_round_robin_cycles_per_pool():
 
 
 def test_softmax_temperature_spreads_near_ties_only():
-    p = PrefixAware(temperature=50.0, seed=1)
+    p = PrefixAware(PrefixAwareOptions(temperature=50.0, seed=1))
     near = [cand("a", 0), cand("b", 0, num_prefill_tokens_queued=10)]
     picks = {p.pick(near, REQ, "prefill").worker_id for _ in range(50)}
     assert picks == {"a", "b"}

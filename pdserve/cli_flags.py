@@ -1,17 +1,21 @@
 """Command-line flags generated from the config tree: every leaf key `a.b_c` is `--a.b-c VALUE`, and the
 established short flags (`--port`, `--prefill-workers`, ...) are aliases of their keys. Values reach the tree
-as strings (JSON for mappings) and pydantic validates them, so a bad value names its key."""
+as strings (JSON for mappings) and pydantic validates them, so a bad value names its key. `pdserve generate`'s
+sampling flags are generated the same way from `SamplingParams`' fields."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel
 
 from pdserve.config import ServeConfig
+from pdserve.protocol import SamplingParams
 
 # short flag -> key; the key's flag works too. Defaults and help come from the tree.
 ALIASES = {
@@ -59,12 +63,15 @@ def flag_of(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` plus one flag per leaf key (and its alias); unset flags stay out of the namespace."""
+def add_config_flags(parser: argparse.ArgumentParser, section: str | None = None) -> None:
+    """`--config FILE` plus one flag per leaf key (and its alias), or per key of `section` only; unset flags
+    stay out of the namespace."""
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file with config keys")
     short = {key: alias for alias, key in ALIASES.items()}
     group = parser.add_argument_group("config keys (also PDSERVE_<SECTION>__<KEY> and --config FILE)")
     for key, field in leaves():
+        if section is not None and not key.startswith(section + "."):
+            continue
         names = [short[key], flag_of(key)] if key in short else [flag_of(key)]
         default = field.get_default(call_default_factory=True)
         text = f"{field.description or key} (key {key}; default {json.dumps(default, default=str)})"
@@ -99,3 +106,37 @@ def _value(key: str, raw: str, field) -> Any:
     if raw.lower() in ("none", "null") and "None" in text:
         return None
     return raw
+
+
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")  # the SamplingParams fields with a flag
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, defaults: SamplingParams) -> None:
+    """`--max-tokens`, `--temperature`, ...: one flag per field of SAMPLING_FLAGS, typed as the field,
+    defaulting to its value in `defaults`."""
+    types = {f.name: f.type for f in msgspec.structs.fields(SamplingParams)}
+    group = parser.add_argument_group("sampling (pdserve.SamplingParams)")
+    for name in SAMPLING_FLAGS:
+        default = getattr(defaults, name)
+        group.add_argument(
+            flag_of(name), type=_scalar(types[name]), default=default, metavar="V", help=f"{name} (default {default})"
+        )
+
+
+def sampling_params(args: argparse.Namespace, defaults: SamplingParams) -> SamplingParams:
+    """`defaults` with the sampling flags' values; a bad value is a ValueError naming the field."""
+    return msgspec.structs.replace(defaults, **{name: getattr(args, name) for name in SAMPLING_FLAGS}).validate()
+
+
+def _scalar(kind):
+    """An argparse `type` for an int or float field, optional ones taking 'none'."""
+    options = typing.get_args(kind) or (kind,)
+    base = next(t for t in options if t is not type(None))
+    if base not in (int, float):
+        raise TypeError(f"no flag type for a {kind} field")
+
+    def parse(text: str):
+        return None if type(None) in options and text.lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error: "invalid int value"
+    return parse

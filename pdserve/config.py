@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-DTYPES = ("float32", "bfloat16", "float16")
+from pdserve.policy_options import POLICY_OPTIONS, PolicyOptions
+
 ROLES = ("prefill", "decode", "colocated")
-POLICY_NAMES = ("prefix_aware", "least_loaded", "round_robin", "sglang_cache_aware", "dynamo_kv_cost")
-TRANSPORTS = ("nixl", "local")
+POLICY_NAMES = tuple(POLICY_OPTIONS)
 
 
 class Section(BaseModel):
@@ -43,7 +43,9 @@ class EngineConfig(Section):
     max_num_seqs: int = Field(128, gt=0, description="requests batched per step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per step; longer prompts are chunked")
     enable_prefix_caching: bool = True
-    attention_backend: str = Field("auto", description="auto or torch")
+    attention_backend: Literal["auto", "torch"] = Field(
+        "auto", description="attention kernels: torch (the reference), or auto (torch until FlashInfer lands)"
+    )
     seed: int = Field(0, description="seed for requests that carry none")
 
     @field_validator("device")
@@ -67,12 +69,43 @@ class WorkerConfig(Section):
     cpus: float | None = Field(None, ge=0, description="Ray CPUs per worker actor (default 1)")
 
 
+class NixlConfig(Section):
+    """The NIXL agent of each worker (UCX backend). Peers exchange agent metadata through Ray, so the agent
+    runs no listener thread. Defaults suit workers on one host (shared-memory/CMA reads need nothing from
+    the sender); across nodes (RDMA or TCP, e.g. the Helm chart's pods) turn on `progress_thread`, and with
+    it `ucx_error_handling_mode: peer`."""
+
+    progress_thread: bool = Field(
+        False,
+        description="run NIXL's UCX progress thread (it polls without sleeping: a core per worker); needed where "
+        "connecting to a peer takes the sender's progress: across nodes",
+    )
+    ucx_error_handling_mode: Literal["none", "peer"] = Field(
+        "none",
+        description="UCX peer-failure handling: peer (a dead peer fails its pulls; only transports that support "
+        "it; needs progress_thread) or none",
+    )
+    ucx_devices: str = Field(
+        "", description="network devices UCX may use, e.g. 'mlx5_0:1,mlx5_1:1' (empty: all; as UCX_NET_DEVICES)"
+    )
+    num_threads: int = Field(2, ge=1, description="a large pull is split over this many threads and UCX workers")
+    split_bytes: int = Field(8 << 20, ge=1, description="pulls of at least this many bytes are split")
+
+    @field_validator("ucx_error_handling_mode")
+    @classmethod
+    def _peer_needs_progress(cls, v: str, info: ValidationInfo) -> str:
+        if v == "peer" and info.data.get("progress_thread") is False:
+            raise ValueError("'peer' needs progress_thread: true (without it a pull waits on the sender and times out)")
+        return v
+
+
 class KVConfig(Section):
     transport: Literal["nixl", "nccl", "local"] = Field(
         "nixl",
         description="KV transfer between workers: nixl (one-sided RDMA/UCX reads), nccl (collective send/recv: "
         "NCCL on CUDA, Gloo on CPU), local (in-process copy, tests)",
     )
+    nixl: NixlConfig = Field(default_factory=NixlConfig)
 
 
 class DisaggConfig(Section):
@@ -82,8 +115,10 @@ class DisaggConfig(Section):
     prefill_saturated_tokens: int = Field(8192, description="every prefill worker has this many tokens queued")
     decode_room_fraction: float = Field(0.25, ge=0, le=1, description="...and the decode worker keeps this KV free")
     # A local prefill's chunks share the decode worker's steps with every running decode: 1024 tokens add
-    # 35-55 ms to a step (8B model on an H100, 0-20k tokens cached before them), within a 100 ms TPOT
-    # budget beside the decode itself; an 8192-token chunk adds 0.3-0.5 s.
+    # 35-55 ms to a step (0-20k tokens cached before them), within a 100 ms TPOT budget beside the decode
+    # itself; an 8192-token chunk adds 0.3-0.5 s. Modelled, not measured: `LatencyModel.chunk_s` of the
+    # simulator's derived roofline calibration (pdserve/sim/calibration_h100.json: a Llama-3-8B-shaped model
+    # in bf16 on one H100 SXM5 from datasheet peaks and assumed efficiencies; `python -m bench.sim.gpu_model`).
     local_prefill_step_tokens: int = Field(
         1024, ge=0, description="...and its queued prefill tokens, this prompt's included, stay within this"
     )
@@ -92,13 +127,53 @@ class DisaggConfig(Section):
 class RoutingConfig(Section):
     policy: Literal[POLICY_NAMES] = Field("prefix_aware", description="routing policy")  # type: ignore[valid-type]
     temperature: float = Field(0.0, ge=0, description="prefix_aware: softmax temperature over costs (0: argmin)")
-    policy_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword options of the policy")
-    max_waiting_per_worker: int = Field(64, gt=0, description="queued requests per worker before 429")
+    policy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the chosen policy (pdserve.policy_options: each policy's keys); unknown keys refused",
+    )
+    max_waiting_per_worker: int = Field(
+        64, gt=0, description="requests a worker queues beyond engine.max_num_seqs running; past that it refuses"
+    )
+    admission_retries: int = Field(
+        2, ge=0, description="routes again of a request a worker refused at its bound, before it is a 429"
+    )
     max_index_blocks: int = Field(1_000_000, gt=0, description="global prefix index bound (LRU)")
+    prediction_ttl_s: float = Field(
+        10.0, gt=0, description="a decision's predicted prefix-cache entries last this long unless KV events confirm"
+    )
     # A decision predicts at most this many blocks past each chosen worker's match (0: no limit): enough for
     # a burst to see where its shared prefix went, while a decision's cost stops growing with the prompt.
     max_predicted_blocks: int = Field(64, ge=0)
     disagg: DisaggConfig = Field(default_factory=DisaggConfig)
+
+    # Field validators see the fields declared before theirs (info.data), so an error names its own key.
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        policy = info.data.get("policy")
+        if v and policy is not None and policy != "prefix_aware":
+            raise ValueError(f"only the prefix_aware policy samples by temperature, not {policy}")
+        return v
+
+    @field_validator("policy_options")
+    @classmethod
+    def _policy_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # validated against the chosen policy's model (its errors are named routing.policy_options.KEY); the
+        # keys given are kept, typed, so `pdserve config` prints what was set
+        if "policy" not in info.data:  # the policy itself was refused
+            return v
+        options = POLICY_OPTIONS[info.data["policy"]].model_validate(v).model_dump(include=set(v))
+        given, temperature = options.get("temperature"), info.data.get("temperature")
+        if given is not None and temperature and given != temperature:
+            raise ValueError(f"temperature {given} disagrees with routing.temperature {temperature}")
+        return options
+
+    def options(self) -> PolicyOptions:
+        """The chosen policy's typed options; `temperature` is prefix_aware's `temperature` option."""
+        given = dict(self.policy_options)
+        if self.temperature:
+            given.setdefault("temperature", self.temperature)
+        return POLICY_OPTIONS[self.policy].model_validate(given)
 
 
 class PoolsConfig(Section):
@@ -159,6 +234,10 @@ class FrontendConfig(Section):
     )
     served_model_name: str | None = Field(None, description="the model name clients send (default: model id)")
     max_pending: int = Field(1024, gt=0, description="requests in flight per frontend before 429")
+    stream_gap_timeout_s: float = Field(
+        5.0, gt=0, description="a token missing from a stream this long while later ones came (after a migration) "
+        "fails the attempt: the request continues elsewhere"
+    )  # fmt: skip
     limits: RequestLimits = Field(default_factory=RequestLimits)
     resources: dict[str, float] = Field(
         default_factory=dict, description="Ray resources each frontend needs: pins them to nodes a Service reaches"
@@ -210,6 +289,12 @@ class ControllerConfig(Section):
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of the controller (-1: unlimited)")
     worker_start_timeout_s: float = Field(300.0, gt=0, description="a worker not ready by then is replaced")
     drain_timeout_s: float = Field(300.0, gt=0, description="a draining worker is stopped after this long")
+    call_timeout_s: float = Field(
+        10.0, gt=0, description="the controller's calls to a worker or frontend (info, peers, migratable, shutdown)"
+    )
+    monitor_interval_s: float = Field(
+        0.2, gt=0, description="how often the controller checks heartbeats and reconciles the pools"
+    )
     resources: dict[str, float] = Field(
         default_factory=dict, description="Ray resources the controller needs: pins it (and its /metrics) to a node"
     )
@@ -221,6 +306,10 @@ class MigrationConfig(Section):
     final_blocks: int = Field(2, ge=0, description="pause the request when at most this many blocks are left to copy")
     max_stages: int = Field(8, ge=1, description="copy stages before the final one, at most")
     stage_timeout_s: float = Field(30.0, gt=0, description="a stage not done by then fails the migration")
+    first_token_wait_s: float = Field(
+        5.0, gt=0, description="the target waits at least this long (or stage_timeout_s / 2) for the resumed "
+        "request's first token before it answers the final stage"
+    )  # fmt: skip
     on_out_of_blocks: bool = Field(True, description="migrate a request away instead of preempting it")
     rebalance: bool = Field(True, description="move requests from the most to the least loaded worker")
     rebalance_interval_s: float = Field(1.0, gt=0, description="how often the rebalancer looks")

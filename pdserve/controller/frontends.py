@@ -14,13 +14,13 @@ from pdserve.config import NAMESPACE, ServeConfig, frontend_actor_name
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 1.0
 
 
 class Frontends:
     def __init__(self, config: ServeConfig, spawn: Callable, failed: Callable[[str], None]) -> None:
         self.config = config
+        self.call_timeout_s = config.controller.call_timeout_s
         self._spawn = spawn
         self._failed = failed
         self.frontends: dict[int, dict] = {}  # index -> {"handle", "url", "state", "pid"}
@@ -32,8 +32,8 @@ class Frontends:
             index = int(name.rsplit(".", 1)[1])
             handle = ray.get_actor(name, namespace=NAMESPACE)
             try:
-                url = await asyncio.wait_for(handle.url.remote(), CALL_TIMEOUT_S)
-                pid = await asyncio.wait_for(handle.pid.remote(), CALL_TIMEOUT_S)
+                url = await asyncio.wait_for(handle.url.remote(), self.call_timeout_s)
+                pid = await asyncio.wait_for(handle.pid.remote(), self.call_timeout_s)
             except Exception:  # a frontend that does not answer is replaced
                 ray.kill(handle)
                 continue
@@ -63,7 +63,7 @@ class Frontends:
     async def _run(self, index: int, handle) -> None:
         try:
             url = await asyncio.wait_for(handle.start.remote(), self.config.controller.worker_start_timeout_s)
-            pid = await asyncio.wait_for(handle.pid.remote(), CALL_TIMEOUT_S)
+            pid = await asyncio.wait_for(handle.pid.remote(), self.call_timeout_s)
         except Exception as e:
             self._failed(f"frontend {index}: {type(e).__name__}: {e}")
             log.error("frontend %d failed to start: %s: %s", index, type(e).__name__, e)

@@ -21,7 +21,6 @@ from pdserve.scheduler.router import Router
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 10.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -30,6 +29,7 @@ class Lifecycle:
         self, config: ServeConfig, registry: Registry, router: Router, metrics: ControllerMetrics, me, notify
     ) -> None:
         self.config, self.registry, self.router, self.metrics = config, registry, router, metrics
+        self.call_timeout_s = config.controller.call_timeout_s
         self.me = me  # this controller's own handle, handed to workers and frontends
         self.notify = notify
         self.peers: dict[str, object] = {}  # worker id -> PeerInfo
@@ -63,7 +63,10 @@ class Lifecycle:
         if adopted:
             log.info("controller adopted %d running workers: %s", len(adopted), ", ".join(adopted))
             notes = await asyncio.gather(
-                *(asyncio.wait_for(self.registry.workers[w].handle.note.remote(), CALL_TIMEOUT_S) for w in adopted),
+                *(
+                    asyncio.wait_for(self.registry.workers[w].handle.note.remote(), self.call_timeout_s)
+                    for w in adopted
+                ),
                 return_exceptions=True,
             )
             notes = [n for n in notes if isinstance(n, dict) and "targets" in n]
@@ -77,7 +80,7 @@ class Lifecycle:
     async def _adopt(self, actor_name: str) -> str | None:
         handle = ray.get_actor(actor_name, namespace=NAMESPACE)
         try:
-            info = await asyncio.wait_for(handle.info.remote(), CALL_TIMEOUT_S)
+            info = await asyncio.wait_for(handle.info.remote(), self.call_timeout_s)
         except Exception as e:  # dead or hung: not part of the deployment any more
             log.warning("found %s but it does not answer (%r); stopping it", actor_name, e)
             ray.kill(handle)
@@ -121,7 +124,7 @@ class Lifecycle:
                 lifetime="detached",
                 **self._resources(role),
             )
-            .remote(worker_id, engine, options, cfg.kv.transport, cfg.migration)
+            .remote(worker_id, engine, options, cfg.kv, cfg.migration, cfg.routing.max_waiting_per_worker)
         )
         rec = self.registry.add(WorkerRecord(worker_id, role, handle))
         self.notify()
@@ -132,13 +135,13 @@ class Lifecycle:
         try:
             # creation waits for resources (a new node from Ray's or KubeRay's autoscaler) up to the timeout
             peer = await asyncio.wait_for(rec.handle.start.remote(), self.config.controller.worker_start_timeout_s)
-            info = await asyncio.wait_for(rec.handle.info.remote(), CALL_TIMEOUT_S)
+            info = await asyncio.wait_for(rec.handle.info.remote(), self.call_timeout_s)
             rec.node_id, rec.pid = info.node_id, info.pid
             async with self._wiring:  # one join at a time: each pair of workers is wired exactly once
                 others = [r for r in self.registry.workers.values() if r.worker_id in self.peers]
-                await asyncio.wait_for(rec.handle.add_peers.remote(list(self.peers.values())), CALL_TIMEOUT_S)
+                await asyncio.wait_for(rec.handle.add_peers.remote(list(self.peers.values())), self.call_timeout_s)
                 await asyncio.gather(
-                    *(asyncio.wait_for(o.handle.add_peers.remote([peer]), CALL_TIMEOUT_S) for o in others),
+                    *(asyncio.wait_for(o.handle.add_peers.remote([peer]), self.call_timeout_s) for o in others),
                     return_exceptions=True,  # a peer dying meanwhile is the watcher's business
                 )
                 self.peers[rec.worker_id] = peer
@@ -255,10 +258,10 @@ class Lifecycle:
             if self.config.migration.drain_mode == "migrate" and rec.role in DECODERS:
                 await self.migrations.drain(worker_id, deadline)  # what cannot move finishes here
             await asyncio.wait_for(rec.handle.drain.remote(), max(1.0, deadline - time.monotonic()))
-            leak = await asyncio.wait_for(rec.handle.leak_report.remote(), CALL_TIMEOUT_S)
+            leak = await asyncio.wait_for(rec.handle.leak_report.remote(), self.call_timeout_s)
             if leak:
                 log.error("worker %s drained but still holds KV blocks: %s", worker_id, leak)
-            await asyncio.wait_for(rec.handle.shutdown.remote(), CALL_TIMEOUT_S)
+            await asyncio.wait_for(rec.handle.shutdown.remote(), self.call_timeout_s)
         except Exception as e:  # it died or hung while draining: stop it anyway
             log.warning("draining %s ended early: %r", worker_id, e)
         self.mark_dead(worker_id, "exited")
@@ -275,7 +278,7 @@ class Lifecycle:
         handles = [r.handle for r in self.registry.workers.values() if r.state != "dead"]
         handles += self.fronts.take_all()
         await asyncio.gather(
-            *(asyncio.wait_for(h.shutdown.remote(), CALL_TIMEOUT_S) for h in handles), return_exceptions=True
+            *(asyncio.wait_for(h.shutdown.remote(), self.call_timeout_s) for h in handles), return_exceptions=True
         )
         for h in handles:
             try:

@@ -14,13 +14,13 @@ from pdserve.protocol import MigrationRecord
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 10.0
 DECODERS = ("decode", "colocated")
 
 
 class Migrations:
     def __init__(self, config: ServeConfig, registry: Registry, metrics) -> None:
         self.config, self.registry, self.metrics = config, registry, metrics
+        self.call_timeout_s = config.controller.call_timeout_s
         self.block_size = config.engine.block_size
         self._busy: dict[str, float] = {}  # worker id -> when a migration it took part in ended (or 0 running)
         self.history: list[MigrationRecord] = []  # the latest records (status, tests)
@@ -45,7 +45,8 @@ class Migrations:
     async def migrate(self, request_id: str, source: str, target: str | None, reason: str) -> MigrationRecord:
         src = self.registry.workers[source]
         if target is None:
-            blocks = dict(await asyncio.wait_for(src.handle.migratable.remote(), CALL_TIMEOUT_S)).get(request_id, 0)
+            migratable = await asyncio.wait_for(src.handle.migratable.remote(), self.call_timeout_s)
+            blocks = dict(migratable).get(request_id, 0)
             found = self.target_for(source, blocks)
             if found is None:
                 rec = MigrationRecord(request_id=request_id, source=source, target="", reason=reason, outcome="refused")
@@ -80,7 +81,7 @@ class Migrations:
         for rec in list(self.registry.workers.values()):
             if rec.state in ("ready", "draining") and rec.role in DECODERS:
                 try:
-                    rids = await asyncio.wait_for(rec.handle.find.remote(request_id), CALL_TIMEOUT_S)
+                    rids = await asyncio.wait_for(rec.handle.find.remote(request_id), self.call_timeout_s)
                 except Exception:  # a dead worker holds nothing we can move
                     continue
                 found += [(rid, rec.worker_id) for rid in rids]
@@ -99,7 +100,7 @@ class Migrations:
         if max(w.freeness() for w in loads) - worst.freeness() <= self.config.migration.rebalance_threshold:
             return None
         handle = self.registry.workers[worst.worker_id].handle
-        candidates = {worst.worker_id: await asyncio.wait_for(handle.migratable.remote(), CALL_TIMEOUT_S)}
+        candidates = {worst.worker_id: await asyncio.wait_for(handle.migratable.remote(), self.call_timeout_s)}
         move = plan_rebalance(loads, candidates, self.config.migration.rebalance_threshold)
         if move is None:
             return None
@@ -121,7 +122,7 @@ class Migrations:
         handle = self.registry.workers[worker_id].handle
         while time.monotonic() < deadline:
             try:
-                candidates = await asyncio.wait_for(handle.migratable.remote(), CALL_TIMEOUT_S)
+                candidates = await asyncio.wait_for(handle.migratable.remote(), self.call_timeout_s)
             except Exception:
                 return
             if not candidates:

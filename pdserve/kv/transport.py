@@ -17,6 +17,8 @@ from pdserve.protocol import KVLayout, PeerInfo
 if TYPE_CHECKING:
     import torch
 
+    from pdserve.config import KVConfig
+
 _POLL_FIRST_S = 50e-6
 _POLL_MAX_S = 2e-3
 
@@ -206,3 +208,9 @@ def make_transport(kind: str, name: str, kv_cache: torch.Tensor, layout: KVLayou
         raise ValueError(f"unknown KV transport {kind!r}; choose one of {sorted(_TRANSPORTS)}")
     module, cls = _TRANSPORTS[kind].split(":")
     return getattr(importlib.import_module(module), cls)(name, kv_cache, layout, **options)
+
+
+def transport_options(config: KVConfig) -> dict:
+    """`make_transport`'s options for `config.transport` from the config tree: `kv.nixl` for nixl (the other
+    transports have no keys yet)."""
+    return config.nixl.model_dump() if config.transport == "nixl" else {}

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from pdserve.config import DisaggConfig
+from pdserve.config import DisaggConfig, EngineConfig
+from pdserve.policy_options import (
+    DynamoKVCostOptions,
+    LeastLoadedOptions,
+    PolicyOptions,
+    PrefixAwareOptions,
+    RoundRobinOptions,
+    SGLangCacheAwareOptions,
+)
 from pdserve.protocol import RouteRequest
 
 
@@ -33,6 +42,7 @@ class WorkerView:
     pending_tokens: int = 0  # uncached prompt tokens routed here since the last report
     pending_blocks: int = 0  # KV blocks those requests will take
     num_free_slots: int = 0  # batch slots free at the last report (routed requests fill these first)
+    refused_at: float = 0.0  # wall clock of its last refusal (it was at its bound): full until a later report
 
     @property
     def queue_depth(self) -> int:
@@ -65,8 +75,14 @@ class Decision:
 
 
 class RoutingPolicy(Protocol):
+    """Built by `make_policy(name, options, block_size)` from an instance of its `Options` model (unknown
+    keys and bad values are refused there, named); a policy with `uses_block_size` also gets the engines'
+    block size, which is context, not an option."""
+
     name: str
     ranked: bool  # True: a CostPolicy whose pools the Router may keep ranked (see CostPolicy)
+    Options: type[PolicyOptions]
+    uses_block_size: bool
 
     def pick(self, candidates: list[Candidate], request: RouteRequest, pool: str) -> Decision:
         """Choose one of the candidates (never empty) for `request` in `pool` ("prefill" or "decode")."""
@@ -87,6 +103,7 @@ class CostPolicy:
     costs at least as much as that one. `pick` over all candidates gives the same answer (the oracle)."""
 
     ranked = True
+    uses_block_size = False
 
     def worker_cost(self, view: WorkerView, pool: str) -> float:
         raise NotImplementedError
@@ -111,8 +128,10 @@ class CostPolicy:
 class RoundRobin:
     name = "round_robin"
     ranked = False
+    Options = RoundRobinOptions
+    uses_block_size = False
 
-    def __init__(self, **_) -> None:
+    def __init__(self, options: RoundRobinOptions | None = None) -> None:
         self._next: dict[str, int] = {}
 
     def pick(self, candidates, request, pool) -> Decision:
@@ -127,8 +146,9 @@ class LeastLoaded(CostPolicy):
     lowest KV usage. Blind to prefixes."""
 
     name = "least_loaded"
+    Options = LeastLoadedOptions
 
-    def __init__(self, **_) -> None:
+    def __init__(self, options: LeastLoadedOptions | None = None) -> None:
         pass
 
     def worker_cost(self, view, pool) -> float:
@@ -150,25 +170,17 @@ class PrefixAware(CostPolicy):
     candidate's cost is needed)."""
 
     name = "prefix_aware"
+    Options = PrefixAwareOptions
 
-    def __init__(
-        self,
-        temperature: float = 0.0,
-        request_overhead_tokens: int = 32,
-        decode_seq_tokens: int = 64,
-        kv_full_tokens: int = 4096,
-        decode_queue_weight: float = 1.0,
-        colocated_queue_weight: float = 0.25,
-        seed: int = 0,
-        **_,
-    ) -> None:
-        self.temperature = temperature
-        self.queue_weight = {"decode": decode_queue_weight, "colocated": colocated_queue_weight}
-        self.ranked = temperature <= 0
-        self.request_overhead_tokens = request_overhead_tokens
-        self.decode_seq_tokens = decode_seq_tokens
-        self.kv_full_tokens = kv_full_tokens
-        self._rng = random.Random(seed)
+    def __init__(self, options: PrefixAwareOptions | None = None) -> None:
+        options = options or self.Options()
+        self.temperature = options.temperature
+        self.queue_weight = {"decode": options.decode_queue_weight, "colocated": options.colocated_queue_weight}
+        self.ranked = options.temperature <= 0
+        self.request_overhead_tokens = options.request_overhead_tokens
+        self.decode_seq_tokens = options.decode_seq_tokens
+        self.kv_full_tokens = options.kv_full_tokens
+        self._rng = random.Random(options.seed)
 
     def worker_cost(self, w: WorkerView, pool: str) -> float:
         if pool == "prefill":
@@ -201,11 +213,13 @@ class SGLangCacheAware:
 
     name = "sglang_cache_aware"
     ranked = False
+    Options = SGLangCacheAwareOptions
+    uses_block_size = False
 
-    def __init__(
-        self, balance_abs_threshold: int = 64, balance_rel_threshold: float = 1.5, cache_threshold: float = 0.3, **_
-    ) -> None:
-        self.abs, self.rel, self.threshold = balance_abs_threshold, balance_rel_threshold, cache_threshold
+    def __init__(self, options: SGLangCacheAwareOptions | None = None) -> None:
+        options = options or self.Options()
+        self.abs, self.rel = options.balance_abs_threshold, options.balance_rel_threshold
+        self.threshold = options.cache_threshold
 
     def pick(self, candidates, request, pool) -> Decision:
         loads = [c.worker.load for c in candidates]
@@ -222,11 +236,12 @@ class DynamoKVCost(CostPolicy):
     request) + decode blocks active on it; the lowest wins."""
 
     name = "dynamo_kv_cost"
+    Options = DynamoKVCostOptions
+    uses_block_size = True
 
-    def __init__(self, block_size: int = 16, overlap_weight: float = 1.0, **_) -> None:
-        if overlap_weight < 0:
-            raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight}")
-        self.block_size, self.weight = block_size, overlap_weight
+    def __init__(self, options: DynamoKVCostOptions | None = None, *, block_size: int) -> None:
+        options = options or self.Options()
+        self.block_size, self.weight = block_size, options.overlap_weight
 
     def worker_cost(self, view, pool) -> float:
         return self.weight * -(-view.queued_tokens // self.block_size) + view.used_blocks
@@ -241,10 +256,20 @@ class DynamoKVCost(CostPolicy):
 POLICIES = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware, SGLangCacheAware, DynamoKVCost)}
 
 
-def make_policy(name: str, **options) -> RoutingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name](**options)
+def make_policy(
+    name: str,
+    options: PolicyOptions | Mapping[str, Any] | None = None,
+    block_size: int = EngineConfig.model_fields["block_size"].default,
+    policies: Mapping[str, type] = POLICIES,
+) -> RoutingPolicy:
+    """The policy `name` of `policies` with `options` (its Options model, or a mapping validated against it:
+    an unknown key or a bad value is a ValueError naming it)."""
+    if name not in policies:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(policies)}")
+    cls = policies[name]
+    if not isinstance(options, cls.Options):
+        options = cls.Options.model_validate(dict(options or {}))
+    return cls(options, block_size=block_size) if cls.uses_block_size else cls(options)
 
 
 def decide_local_prefill(

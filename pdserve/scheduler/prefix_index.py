@@ -16,15 +16,19 @@ from collections import OrderedDict, deque
 from itertools import accumulate, compress, islice, repeat, takewhile
 from operator import and_, neg, not_, or_
 
+from pdserve.config import RoutingConfig
 from pdserve.hashing import BlockHash
 from pdserve.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-PREDICTION_TTL_S = 10.0
-
 
 class PrefixIndex:
-    def __init__(self, max_blocks: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        max_blocks: int = RoutingConfig.model_fields["max_index_blocks"].default,
+        prediction_ttl_s: float = RoutingConfig.model_fields["prediction_ttl_s"].default,
+    ) -> None:
         self.max_blocks = max_blocks
+        self.prediction_ttl_s = prediction_ttl_s  # one lifetime for all: the expiry deques stay in time order
         self._holders: OrderedDict[BlockHash, int] = OrderedDict()  # hash -> worker mask; LRU, oldest first
         self._predicted: dict[BlockHash, int] = {}  # hash -> worker mask of unconfirmed routing decisions
         # One entry per prediction: (expiry time, mask, hashes, start, end), as parallel deques so routing
@@ -83,10 +87,10 @@ class PrefixIndex:
         self._stream.pop(worker_id, None)
         self._count.pop(worker_id, None)
 
-    def predict(self, worker_id: str, hashes: list[BlockHash], ttl_s: float = PREDICTION_TTL_S) -> None:
+    def predict(self, worker_id: str, hashes: list[BlockHash]) -> None:
         """A request with these block hashes was just routed to `worker_id`: count them as cached there
-        until the worker's own events confirm them or `ttl_s` passes."""
-        self.predict_mask(self._bit_of(worker_id), hashes, ttl_s=ttl_s)
+        until the worker's own events confirm them or `prediction_ttl_s` passes."""
+        self.predict_mask(self._bit_of(worker_id), hashes)
 
     def predict_mask(
         self,
@@ -95,7 +99,6 @@ class PrefixIndex:
         start: int = 0,
         end: int | None = None,
         unheld_from: int | None = None,
-        ttl_s: float = PREDICTION_TTL_S,
     ) -> None:
         """`predict` hashes[start:end] for every worker in `mask` at once. `unheld_from`: from this block on
         no worker caches the prompt (the longest match), so those entries are written without reading
@@ -111,7 +114,7 @@ class PrefixIndex:
             predicted.update(zip(islice(hashes, start, split), masked))
         if split < end:
             predicted.update(zip(islice(hashes, split, end), repeat(mask)))
-        for queue, value in zip(self._expiry, (time.monotonic() + ttl_s, mask, hashes, start, end)):
+        for queue, value in zip(self._expiry, (time.monotonic() + self.prediction_ttl_s, mask, hashes, start, end)):
             queue.append(value)
 
     def expire_predictions(self, now: float | None = None) -> None:

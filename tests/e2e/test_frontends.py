@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ import ray
 import yaml
 
 from pdserve.controller.deploy import deploy
-from tests.conftest import serve_config
+from tests.conftest import needs_binary, serve_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
@@ -155,7 +154,7 @@ def test_probes_follow_the_decode_pool(deployment):
     assert complete(url).status_code == 200
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (apt install prometheus)")
+@needs_binary("prometheus")
 def test_every_per_worker_series_appears_once_in_prometheus(deployment, tmp_path):
     cfg, dep = deployment
     st = status(dep)

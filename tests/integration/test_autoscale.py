@@ -5,12 +5,12 @@ in between; the decisions and pool sizes are in the controller's /metrics and in
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import needs_binary
 from tests.live import live_deployment
 from tests.loadgen import Load, wait
 
@@ -18,10 +18,7 @@ pytestmark = [
     pytest.mark.ray,
     pytest.mark.slow,
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None,
-        reason="needs the prometheus binary (.ci/run installs it; as root: apt-get install prometheus)",
-    ),
+    needs_binary("prometheus"),
 ]
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import socket
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pdserve.autoscale.observe import PrometheusObserver, attainment_query
 from pdserve.autoscale.policy import PolicyState, decide
 from pdserve.config import AutoscalingConfig
+from tests.conftest import needs_binary
 
 CFG = AutoscalingConfig(scale_in_window_s=0, cooldown_s=0)
 
@@ -63,9 +62,7 @@ def test_unreachable_prometheus_holds_the_sizes():
         assert (d.action, d.reason) == ("hold", "no_data") and d.targets["decode"] == 3
 
 
-@pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="needs the prometheus binary (apt-get install prometheus)"
-)
+@needs_binary("prometheus")
 def test_a_prometheus_without_data_holds_the_sizes():
     from pdserve.autoscale.local_prometheus import LocalPrometheus
 

@@ -58,7 +58,7 @@ def test_block_pool_refcounts_lru_eviction_and_events():
 
 
 def test_detokenizer_never_emits_partial_utf8():
-    from pdserve.engine.models.demo import demo_tokenizer
+    from pdserve.demo_model import demo_tokenizer
 
     tok = demo_tokenizer()  # byte-level: multi-byte characters span several tokens
     text = "héllo wörld, 世界 🙂!"
@@ -76,7 +76,7 @@ def test_detokenizer_never_emits_partial_utf8():
 
 
 def test_detokenizer_holds_back_a_possible_stop_string():
-    from pdserve.engine.models.demo import demo_tokenizer
+    from pdserve.demo_model import demo_tokenizer
 
     tok = demo_tokenizer()
     detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True, stop=["END"])

@@ -135,3 +135,31 @@ def test_help_lists_every_key(command, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(flag_of(key) in text for key, _ in leaves())
+
+
+def test_generate_takes_the_engine_keys_from_the_tree_and_sampling_from_one_record():
+    from pdserve.cli import GENERATE_SAMPLING
+    from pdserve.cli_flags import sampling_params
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {s for a in commands.choices["generate"]._actions for s in a.option_strings}
+    assert {flag_of(k) for k, _ in leaves() if k.startswith("engine.")} <= flags
+    assert {"--model", "--dtype", "--num-kv-blocks", "--max-tokens", "--temperature", "--seed", "--chat"} <= flags
+    assert not [f for f in flags if f.startswith(("--routing", "--kv", "--pools"))]
+    args = parser.parse_args(["generate", "hi"])
+    assert sampling_params(args, GENERATE_SAMPLING) == GENERATE_SAMPLING and overrides(args) == {}
+    args = parser.parse_args(["generate", "hi", "--dtype", "bfloat16", "--seed", "none", "--top-k", "5"])
+    params = sampling_params(args, GENERATE_SAMPLING)
+    assert (params.seed, params.top_k, params.max_tokens, params.temperature) == (None, 5, 64, 0.0)
+    assert overrides(args) == {"engine": {"dtype": "bfloat16"}}
+
+
+def test_generate_runs_the_demo_model_and_refuses_bad_engine_keys(capsys):
+    from pdserve.cli import main
+
+    assert main(["generate", "Hello", "--max-tokens", "4", "--num-kv-blocks", "32"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "[4 tokens in" in out.err and "finish_reason=length" in out.err
+    assert main(["generate", "Hello", "--engine.attention-backend", "flash"]) == 2
+    assert "engine.attention_backend" in capsys.readouterr().err

@@ -76,6 +76,10 @@ OVERRIDES = {
 }  # fmt: skip
 
 
+NIXL_OFF = {"pdserve": {"kv": {"nixl": {"progress_thread": False, "ucx_error_handling_mode": "none"}}}}
+ONE_DECODE_POD = {"roles": {"prefill": {"enabled": False}, "decode": {"gpus": 8, "maxReplicas": 3}}}
+
+
 @functools.cache
 def chart() -> helm_python.Chart:
     return helm_python.Chart.load(str(CHART))
@@ -248,6 +252,8 @@ def test_lint_passes():
         ({"model": {"pvc": {"claimName": "m"}, "url": "https://x/m.tar"}}, "/model"),
         ({"pdserve": {"name": "two words"}}, "/pdserve/name"),
         ({"rayAuth": {"mode": "password"}}, "/rayAuth/mode"),
+        ({"pdserve": {"kv": {"nixl": {"progres_thread": True}}}}, "'progres_thread'"),
+        ({"pdserve": {"kv": {"nixl": {"ucx_error_handling_mode": "on"}}}}, "/pdserve/kv/nixl/ucx_error_handling_mode"),
     ],
 )
 def test_schema_refuses_bad_values_naming_the_key(values, named):
@@ -264,6 +270,8 @@ def test_schema_refuses_bad_values_naming_the_key(values, named):
         ({"roles": {"decode": {"gpus": 0}}}, "one device kind"),
         ({"pdserve": {"controller": {"metrics_port": 0}}}, "metrics_port 0"),
         ({"pdserve": {"frontend": {"frontends": 8}}}, "head.cpu 8"),
+        (NIXL_OFF, "progress_thread: false, but the workers can span 2 pods"),
+        ({**ONE_DECODE_POD, "pdserve": {**NIXL_OFF["pdserve"], **OVERRIDES["autoscaling"]["pdserve"]}}, "span 3 pods"),
     ],
 )
 def test_inconsistent_values_fail_with_a_reason(values, message):
@@ -370,6 +378,32 @@ def test_xpyd_on_labelled_gpu_nodes(tmp_path):
     assert cfg.routing.policy == "least_loaded"
     assert cfg.frontend.resources == {"pdserve_head": 1.0} and cfg.controller.resources == {"pdserve_head": 1.0}
     assert cfg.name == RELEASE
+
+
+def test_nixl_runs_its_progress_thread_between_pods(tmp_path):
+    """Workers in several pods pull KV over the network: the chart turns on NIXL's progress thread and UCX's
+    peer mode (pdserve's defaults, both off, suit one host), and lets them be off only where the workers
+    cannot span pods, or with another transport."""
+    for case in OVERRIDES:
+        nixl = load(case, tmp_path).kv.nixl
+        assert nixl.progress_thread and nixl.ucx_error_handling_mode == "peer", case
+    nccl = {"pdserve": {"kv": {**NIXL_OFF["pdserve"]["kv"], "transport": "nccl"}}}
+    for values in ({**ONE_DECODE_POD, **NIXL_OFF}, nccl):
+        text = yaml.safe_load(render_text(values)["pdserve/templates/configmap.yaml"])["data"]["config.yaml"]
+        assert yaml.safe_load(text)["kv"]["nixl"] == NIXL_OFF["pdserve"]["kv"]["nixl"]
+
+
+def test_schema_of_kv_nixl_is_pdserves():
+    """The chart's schema types kv.nixl's keys (so a typo fails the install); they are pdserve's keys."""
+    from typing import get_args
+
+    from pdserve.config import NixlConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    nixl = schema["properties"]["pdserve"]["properties"]["kv"]["properties"]["nixl"]["properties"]
+    assert set(nixl) == set(NixlConfig.model_fields)
+    modes = get_args(NixlConfig.model_fields["ucx_error_handling_mode"].annotation)
+    assert nixl["ucx_error_handling_mode"]["enum"] == list(modes)
 
 
 def _pod_specs(rc: dict) -> list[dict]:

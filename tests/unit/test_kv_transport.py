@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+from pdserve.config import load_config
 from pdserve.kv import KVTransferError, KVTransport, TransferState, make_transport
+from pdserve.kv.transport import transport_options
 from pdserve.kv.transports import collective
 from pdserve.protocol import KVLayout, PeerInfo
 
@@ -311,6 +313,57 @@ def test_nixl_agents_do_not_spin_when_idle():
     finally:
         receiver.close()
         sender.close()
+
+
+def nixl_from_config(num_blocks: int, seed: int, **nixl) -> KVTransport:
+    """A NIXL transport built as a worker builds it: from the `kv` section of a loaded config."""
+    kv = load_config(overrides={"kv": {"nixl": nixl}}, env=False).kv
+    return transport("nixl", num_blocks, seed, **transport_options(kv))
+
+
+def test_nixl_config_keys_reach_the_agent():
+    """kv.nixl's UCX keys are the agent's UCX backend parameters, as the agent reports them; the defaults
+    keep UCX's peer-failure mode off (no progress thread to drive it)."""
+    pytest.importorskip("nixl")
+    default = nixl_from_config(4, seed=0)
+    tuned = nixl_from_config(4, seed=1, ucx_devices="lo", num_threads=3)
+    try:
+        assert default._agent.get_backend_params("UCX")["ucx_error_handling_mode"] == "none"
+        params = tuned._agent.get_backend_params("UCX")
+        assert params["ucx_devices"] == "lo" and params["num_workers"] == "3" and tuned._num_threads == 3
+    finally:
+        tuned.close()
+        default.close()
+
+
+def test_nixl_progress_thread_and_peer_mode_from_the_config_move_blocks():
+    """What the Helm chart sets across nodes: the progress thread runs (it spins: CPU while idle, where the
+    default agents cost none, see above) and UCX's peer mode is on; a pull completes under both."""
+    pytest.importorskip("nixl")
+    sender = nixl_from_config(8, seed=9, progress_thread=True, ucx_error_handling_mode="peer")
+    receiver = nixl_from_config(8, seed=10, progress_thread=True, ucx_error_handling_mode="peer")
+    try:
+        assert receiver._agent.get_backend_params("UCX")["ucx_error_handling_mode"] == "peer"
+        receiver.add_peer(sender.peer_info())
+        before = receiver.kv_cache.clone()
+        asyncio.run(receiver.pull(sender.name, [1, 2], [5, 6], timeout_s=5.0))
+        assert_moved(sender, receiver, before, [1, 2], [5, 6])
+        start = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(0.3)
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        busy = end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
+        assert busy > 0.1, f"only {busy:.2f} s of CPU in 0.3 s: no progress thread polling"
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_nixl_refuses_unknown_options_and_peer_mode_without_progress():
+    pytest.importorskip("nixl")
+    with pytest.raises(ValueError, match="progres_thread"):
+        transport("nixl", 2, seed=0, progres_thread=True)
+    with pytest.raises(ValueError, match="ucx_error_handling_mode"):
+        transport("nixl", 2, seed=0, ucx_error_handling_mode="peer")
 
 
 def collective_pair(num_blocks: int = 16, **options):

@@ -21,9 +21,12 @@ resource, which only that role's worker group advertises; frontends and controll
 {{- $pools := dict "resources" dict -}}
 {{- $gpuRoles := list -}}
 {{- $cpuRoles := list -}}
+{{- $autoscale := eq (toString ($cfg.autoscaling | default dict).enabled) "true" -}}
+{{- $maxPods := 0 -}}
 {{- range $role := splitList " " (include "pdserve.roles" .) -}}
 {{- $r := index $v.roles $role -}}
 {{- if $r.enabled -}}
+{{- $maxPods = add $maxPods (ternary $r.maxReplicas $r.replicas $autoscale) -}}
 {{- if gt (int $r.replicas) (int $r.maxReplicas) -}}
 {{- fail (printf "roles.%s: replicas %d is above maxReplicas %d" $role (int $r.replicas) (int $r.maxReplicas)) -}}
 {{- end -}}
@@ -47,6 +50,12 @@ resource, which only that role's worker group advertises; frontends and controll
 {{- fail "roles.prefill: prefill workers hand their KV to decode workers; enable roles.decode" -}}
 {{- end -}}
 {{- $_ := set $cfg "pools" $pools -}}
+{{- /* KV moves between pods over the network, where NIXL needs its progress thread (see values.yaml);
+"nixl" is pdserve's default transport */ -}}
+{{- $kv := $cfg.kv | default dict -}}
+{{- if and (gt (int $maxPods) 1) (eq ($kv.transport | default "nixl") "nixl") (not ($kv.nixl | default dict).progress_thread) -}}
+{{- fail (printf "pdserve.kv.nixl.progress_thread: false, but the workers can span %d pods: NIXL needs its progress thread to connect across them" (int $maxPods)) -}}
+{{- end -}}
 {{- $frontend := $cfg.frontend | default dict -}}
 {{- $_ := set $frontend "resources" (dict "pdserve_head" 1) -}}
 {{- if .Values.apiKeys.existingSecret -}}

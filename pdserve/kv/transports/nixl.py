@@ -13,6 +13,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from itertools import count
 
+from pdserve.config import NixlConfig
 from pdserve.kv.transport import KVTransferError, KVTransport, TransferState, check_block_ids, check_peer
 from pdserve.protocol import KVLayout, PeerInfo
 
@@ -38,40 +39,38 @@ class _Pull:
 class NixlTransport(KVTransport):
     """NIXL over UCX between workers; DRAM for CPU caches, VRAM for CUDA caches.
 
-    Options:
+    Options: the keys of the config's `kv.nixl` section (`pdserve.config.NixlConfig`, which holds their
+    defaults and refuses unknown keys and bad values):
     - `num_threads`: a pull of at least `split_bytes` is split into this many chunks, each made and posted
       on its own thread of a pool (and UCX worker). A DRAM READ over CMA copies inside the post, so posting
       off the caller's thread keeps `start_pull` non-blocking and the chunks copy in parallel. Smaller pulls
       are posted inline: their copy is shorter than a thread hand-off.
-    - `progress_thread`: NIXL's UCX progress thread, with UCX peer-failure handling. Off by default: the
-      thread polls without sleeping (a whole core per agent), and without it a READ over CMA needs no action
-      from the sender (a dead sender still fails the pull at once). Turn it on where connection set-up needs
-      the sender to make progress (cross-node RDMA or TCP; not testable on this host).
+    - `progress_thread`: NIXL's UCX progress thread. Off by default: the thread polls without sleeping (a
+      whole core per agent), and without it a READ over CMA needs no action from the sender (a dead sender
+      still fails the pull at once). Turn it on where connection set-up needs the sender to make progress
+      (cross-node RDMA or TCP; not testable on this host).
+    - `ucx_error_handling_mode`: "peer" (UCX detects a dead peer and fails its transfers; only transports
+      that support it are used; needs the progress thread: without it a pull waits on the sender and times
+      out, measured here) or "none".
+    - `ucx_devices`: the UCX backend's device list (empty: all).
     """
 
     kind = "nixl"
 
-    def __init__(
-        self,
-        name: str,
-        kv_cache,
-        layout: KVLayout,
-        *,
-        num_threads: int = 2,
-        split_bytes: int = 8 << 20,
-        progress_thread: bool = False,
-    ) -> None:
+    def __init__(self, name: str, kv_cache, layout: KVLayout, **options) -> None:
         super().__init__(name, kv_cache, layout)
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        opts = NixlConfig(**options)
+        num_threads = opts.num_threads
         api = _import_nixl()
         config = api.nixl_agent_config(
-            enable_prog_thread=progress_thread,
+            enable_prog_thread=opts.progress_thread,
             backends=[],
             sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW,  # pool threads post while the loop polls
         )
         self._agent = api.nixl_agent(name, config)
-        params = {"ucx_error_handling_mode": "peer" if progress_thread else "none", "num_workers": str(num_threads)}
+        params = {"ucx_error_handling_mode": opts.ucx_error_handling_mode, "num_workers": str(num_threads)}
+        if opts.ucx_devices:
+            params["ucx_devices"] = opts.ucx_devices
         self._agent.create_backend("UCX", params)
         dev = kv_cache.device
         self._memory = "VRAM" if dev.type == "cuda" else "DRAM"
@@ -80,7 +79,7 @@ class NixlTransport(KVTransport):
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", _block_descs(kv_cache.data_ptr(), layout, self._device_id), self._memory
         )
-        self._num_threads, self._split_bytes = num_threads, split_bytes
+        self._num_threads, self._split_bytes = num_threads, opts.split_bytes
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix=f"nixl-{name}")
         self._peers: dict[str, _Peer] = {}
         self._pulls: dict[int, _Pull] = {}

@@ -27,10 +27,6 @@ def root_hash(model_id: str, cache_salt: str | None = None) -> BlockHash:
     return h.digest()
 
 
-def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
-    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=HASH_BYTES).digest()
-
-
 def block_hashes(
     token_ids: Sequence[int], block_size: int, root: BlockHash, start: list[BlockHash] | None = None
 ) -> list[BlockHash]:

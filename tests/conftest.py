@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,7 +33,9 @@ _MARKERS = {
     "slow": "slow test",
     "ray": "needs Ray",
     "e2e": "end-to-end test (HTTP server, processes)",
+    "needs_binary": "needs_binary(name, ...): runs these executables from PATH (see needs_binary)",
 }
+INSTALL = {"prometheus": "apt-get install prometheus", "promtool": "apt-get install prometheus"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,6 +43,37 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, help_text in _MARKERS.items():
         if name not in declared:
             config.addinivalue_line("markers", f"{name}: {help_text}")
+
+
+def needs_binary(*names: str) -> pytest.MarkDecorator:
+    """Mark a test that runs these executables from PATH. Without them it skips, saying how to install them;
+    with CI=true in the environment it fails instead, so a CI run whose set-up could not install them does
+    not pass by skipping (`.ci/run` and `make test` install Prometheus where they can)."""
+    return pytest.mark.needs_binary(*names)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def _missing_binaries(item: pytest.Item) -> tuple[list[str], str]:
+    missing = [name for mark in item.iter_markers("needs_binary") for name in mark.args if shutil.which(name) is None]
+    return missing, "; ".join(sorted({INSTALL.get(name, f"install {name}") for name in missing}))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _in_ci():
+        return  # pytest_runtest_setup fails them instead
+    for item in items:
+        missing, how = _missing_binaries(item)
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} on PATH (as root: {how})"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    missing, how = _missing_binaries(item)
+    if missing and _in_ci():
+        pytest.fail(f"CI=true and {', '.join(missing)} not on PATH: CI must install it ({how})", pytrace=False)
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, arch: str, **kwargs) -> Path:

@@ -11,10 +11,13 @@ and writes pdserve/sim/calibration_cpu.json with the fit quality.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +53,17 @@ def quality(x: np.ndarray, y: np.ndarray, coef: np.ndarray) -> dict:
     rel = np.abs(pred - y) / y
     ss_res, ss_tot = float(((pred - y) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
     return {"r2": 1 - ss_res / ss_tot, "mean_rel_err": float(rel.mean()), "max_rel_err": float(rel.max())}
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model and core count (what the step times depend on)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs ({platform.system()})"
 
 
 class Bench:
@@ -168,6 +182,11 @@ def main() -> None:
         "name": "cpu",
         "kind": "measured",
         "source": "bench/sim/calibrate.py: single LLMEngine steps on this machine, median of repeats",
+        "provenance": f"measured: `{' '.join(['python -m bench.sim.calibrate', *sys.argv[1:]])}` "
+        f"({args.threads} torch thread(s), medians of repeated steps) timing single steps of pdserve's engine on a "
+        f"random-weight Llama (hidden 256, 4 layers, float32, torch attention) on {machine()}, "
+        f"{datetime.date.today().isoformat()}; KV transfer rate from bench/kv_transfer.py plus an assumed 2 ms "
+        "per handoff",
         "model": "bench/common.py::build_random_llama defaults (hidden 256, 4 layers, 8 heads, 4 KV heads, "
         "head_dim 32, vocab 32000; max_positions 16384), float32, torch attention backend",
         "torch_threads": args.threads,

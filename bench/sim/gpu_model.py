@@ -29,6 +29,11 @@ ASSUMPTIONS = {
     "transfer_overhead_s": (0.002, "assumption: handoff setup (reserve, descriptors, confirm) per request"),
     "max_num_batched_tokens": (8192, "assumption: chunked-prefill token budget per step"),
 }
+PROVENANCE = (
+    "derived: a roofline model of one H100 SXM5 (datasheet bf16 peak FLOP/s and HBM bandwidth, assumed "
+    "efficiencies) serving a Llama-3-8B-shaped model in bf16, not a measurement; written by "
+    "`python -m bench.sim.gpu_model`"
+)
 
 
 def derive() -> dict:
@@ -46,6 +51,7 @@ def derive() -> dict:
         "name": "h100",
         "kind": "derived",
         "source": "roofline estimate from stated assumptions (bench/sim/gpu_model.py); not a measurement",
+        "provenance": PROVENANCE,
         "assumptions": {k: {"value": val, "source": src} for k, (val, src) in ASSUMPTIONS.items()},
         "prefill": {
             "a": weight_read_s,

@@ -101,7 +101,10 @@ def run_one(task: tuple) -> dict:
     name, options = parse_policy(spec)
     impl = make_variant(name, block_size=setup.block_size, **options)
     start = time.perf_counter()
-    sim = Simulation(trace, model, cluster, name if impl is None else "round_robin", options, impl, seed=seed)
+    if impl is None:
+        sim = Simulation(trace, model, cluster, name, options, seed=seed)
+    else:  # the Router's own policy is unused beside the variant: its name only fills the config
+        sim = Simulation(trace, model, cluster, "round_robin", policy_impl=impl, seed=seed)
     summary = summarize(sim.run(), sim.workers, setup.slo)
     summary.update(
         policy=spec,

@@ -135,10 +135,6 @@ class Sender:
                         log.warning("receiver %s is gone; freeing the blocks held for %s", name, rid)
                         self.release_now(rid)
 
-    @property
-    def num_leases(self) -> int:
-        return len(self._leases)
-
 
 def _release_held(engine, request_id: str) -> None:
     req = engine.requests.get(request_id)

@@ -29,6 +29,8 @@ class LatencyModel:
     max_num_batched_tokens: int
     transfer_bytes_per_s: float
     transfer_overhead_s: float
+    # where the figures come from, "measured: <command> on <machine>, <date>" or "derived: <which model>"
+    provenance: str = "unstated"
 
     @classmethod
     def from_json(cls, data: dict) -> LatencyModel:
@@ -47,6 +49,7 @@ class LatencyModel:
             max_num_batched_tokens=data["max_num_batched_tokens"],
             transfer_bytes_per_s=data["transfer_bytes_per_s"],
             transfer_overhead_s=data["transfer_overhead_s"],
+            provenance=provenance(data),
         )
 
     def chunk_s(self, new: int, context: int) -> float:
@@ -76,6 +79,15 @@ class LatencyModel:
 
     def transfer_s(self, tokens: int) -> float:
         return self.transfer_overhead_s + tokens * self.kv_bytes_per_token / self.transfer_bytes_per_s
+
+
+def provenance(data: dict) -> str:
+    """A calibration's `provenance`; for a file without one, its `kind` and `source`, or that it says nothing."""
+    if data.get("provenance"):
+        return data["provenance"]
+    if data.get("kind") or data.get("source"):
+        return f"{data.get('kind', 'unstated')}: {data.get('source', 'no source given')}"
+    return "unstated: the calibration file says neither how it was measured nor what it was derived from"
 
 
 def load_model(name: str) -> LatencyModel:

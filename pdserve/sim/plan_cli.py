@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pdserve.sim.metrics import SLO
-from pdserve.sim.model import CALIBRATIONS, load_model
+from pdserve.sim.model import CALIBRATIONS, LatencyModel, load_model
 from pdserve.sim.plan import LayoutResult, PlanOptions, plan
 from pdserve.sim.trace import TraceRequest, load_mooncake, mean_rate
 from pdserve.sim.workloads import load_azure, request
@@ -93,6 +93,11 @@ def pd_bounds(results: list[LayoutResult], band: float = RATIO_BAND) -> tuple[fl
 
 def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def calibration_line(calibration: str, model: LatencyModel) -> str:
+    """Where the table's figures come from: the latency model, measured (command, machine) or derived (how)."""
+    return f"figures from the simulator with calibration {calibration}, {model.provenance}"
 
 
 def table(results: list[LayoutResult], rate_scale: float) -> str:
@@ -179,10 +184,12 @@ def run(args: argparse.Namespace) -> int:
         f"attainment at x{args.rate_scale:g} the trace's rate ({rate * args.rate_scale:.2f} req/s)",
         flush=True,
     )
+    model = load_model(args.calibration)
     start = time.perf_counter()
-    results = plan(trace, args.gpus, slo, load_model(args.calibration), opts, jobs=args.jobs)
+    results = plan(trace, args.gpus, slo, model, opts, jobs=args.jobs)
     wall = time.perf_counter() - start
     print()
+    print(calibration_line(args.calibration, model))
     print(table(results, args.rate_scale))
     print()
     lines = advice(results, slo, args.rate_scale, opts.max_scale)
@@ -196,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             "trace_rate_req_s": rate,
             "gpus": args.gpus,
             "calibration": args.calibration,
+            "calibration_provenance": model.provenance,
             "slo": asdict(slo),
             "options": asdict(opts),
             "recommended": results[0].layout.name,

@@ -4,7 +4,15 @@ run.py like pdserve's own. Each changes one thing, so a run isolates its effect.
 
 from __future__ import annotations
 
-from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangCacheAware
+from pydantic import Field
+
+from pdserve.config import EngineConfig
+from pdserve.policy_options import PrefixAwareOptions, SGLangCacheAwareOptions
+from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangCacheAware, make_policy
+
+
+class PrefixAwareQueueOptions(PrefixAwareOptions):
+    uncached_weight: float = Field(1.0, ge=0, description="weight of the prefill cost's uncached suffix")
 
 
 class PrefixAwareQueue(PrefixAware):
@@ -14,11 +22,13 @@ class PrefixAwareQueue(PrefixAware):
     reweighs the prefill cost's uncached suffix. Defaults equal pdserve's."""
 
     name = "pa_queue"
+    Options = PrefixAwareQueueOptions
 
-    def __init__(self, uncached_weight: float = 1.0, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, options: PrefixAwareQueueOptions | None = None) -> None:
+        options = options or self.Options()
+        super().__init__(options)
         self.ranked = False  # its cost() adds a term that the Router's ranked pools do not see
-        self.uncached_weight = uncached_weight
+        self.uncached_weight = options.uncached_weight
 
     def cost(self, c: Candidate, request, pool: str) -> float:
         base = super().cost(c, request, pool)
@@ -33,9 +43,10 @@ class SGLangFresh(SGLangCacheAware):
     when KV events arrive, so a burst of unmatched requests is not all sent to one worker."""
 
     name = "sglang_fresh"
+    uses_block_size = True
 
-    def __init__(self, block_size: int = 16, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, options: SGLangCacheAwareOptions | None = None, *, block_size: int) -> None:
+        super().__init__(options)
         self.block_size = block_size
 
     def pick(self, candidates, request, pool):
@@ -55,7 +66,8 @@ class SGLangFresh(SGLangCacheAware):
 VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, SGLangFresh)}
 
 
-def make_variant(name: str, **options):
+def make_variant(name: str, block_size: int = EngineConfig.model_fields["block_size"].default, **options):
     """The experimental policy `name` built with `options`, or None when `name` is one of pdserve's own."""
-    cls = VARIANTS.get(name)
-    return None if cls is None else cls(**options)
+    if name not in VARIANTS:
+        return None
+    return make_policy(name, options, block_size, policies=VARIANTS)

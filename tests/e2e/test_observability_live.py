@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import ray
 import yaml
 
+from tests.conftest import needs_binary
 from tests.live import live_deployment
 from tests.loadgen import Load, wait
 
@@ -25,10 +25,7 @@ pytestmark = [
     pytest.mark.ray,
     pytest.mark.slow,
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None or shutil.which("promtool") is None,
-        reason="needs prometheus and promtool (.ci/run installs them; as root: apt-get install prometheus)",
-    ),
+    needs_binary("prometheus", "promtool"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import pytest
 
 from pdserve.cli import main
 from pdserve.sim.metrics import SLO
-from pdserve.sim.model import LatencyModel
+from pdserve.sim.model import CALIBRATIONS, LatencyModel, load_model
 from pdserve.sim.plan import Layout, LayoutResult, PlanOptions, layouts, mixes, plan, rank
-from pdserve.sim.plan_cli import pd_bounds
+from pdserve.sim.plan_cli import calibration_line, pd_bounds
 from pdserve.sim.workloads import Lengths, poisson_trace
 
 # A decode step costs 2 ms plus little per sequence; a 2048-token prompt is one 22 ms step: a prefill chunk in
@@ -96,8 +96,29 @@ def test_cli_prints_the_table_and_a_recommendation(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "goodput req/s" in out and "1P1D" in out and "2C" in out and "Recommended:" in out
+    lines = out.splitlines()
+    header = next(i for i, x in enumerate(lines) if x.startswith("layout"))  # the line above it: the calibration
+    assert lines[header - 1].startswith("figures from the simulator with calibration cpu, measured: `python -m bench")
     data = json.loads(out_json.read_text())
     assert {x["name"] for x in data["layouts"]} == {"1P1D", "2C"} and data["recommended"] in ("1P1D", "2C")
+    assert data["calibration_provenance"] == load_model("cpu").provenance
+
+
+def test_each_calibration_says_if_it_was_measured_or_derived(tmp_path):
+    assert load_model("h100").provenance.startswith("derived: a roofline model of one H100 SXM5")
+    assert "not a measurement" in load_model("h100").provenance
+    cpu = load_model("cpu").provenance
+    assert cpu.startswith("measured: `python -m bench.sim.calibrate`") and "2-core CPU machine" in cpu
+    assert calibration_line("h100", load_model("h100")).startswith(
+        "figures from the simulator with calibration h100, derived:"
+    )
+    data = json.loads(CALIBRATIONS["cpu"].read_text())
+    del data["provenance"]  # a calibration file of its own: its kind and source stand in, else it says so
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_model(str(tmp_path / "old.json")).provenance.startswith("measured: bench/sim/calibrate.py")
+    del data["kind"], data["source"]
+    (tmp_path / "bare.json").write_text(json.dumps(data))
+    assert load_model(str(tmp_path / "bare.json")).provenance.startswith("unstated:")
 
 
 def test_cli_reads_azure_csv(tmp_path, capsys):

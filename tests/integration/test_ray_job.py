@@ -88,12 +88,18 @@ def head(tmp_path):
                 time.sleep(1)
         yield f"http://127.0.0.1:{dash}", serve, token, f"127.0.0.1:{gcs}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # SIGTERM to `ray start` alone: it drains the node through the GCS and stops its children (2 s). Sent to
+        # the whole group, the GCS dies first and the drain waits 30 s for it. Whatever is left then is killed.
+        proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -41,9 +41,9 @@ COUNTERS = (
     "pdserve_prefix_cache_hit_tokens_total",
     "pdserve_routing_decisions_total",
     "pdserve_disaggregation_decisions_total",
-    "pdserve_scheduler_decision_seconds_sum",
-    "pdserve_scheduler_decision_seconds_count",
-    "pdserve_scheduler_decision_seconds_bucket",
+    "pdserve_router_decision_seconds_sum",
+    "pdserve_router_decision_seconds_count",
+    "pdserve_router_decision_seconds_bucket",
 )
 
 
@@ -74,7 +74,7 @@ def summarize(turns: list[Turn], wall: float, before: dict, after: dict) -> dict
     worker_prompt = by("pdserve_prefix_cache_prompt_tokens_total", "worker")
     worker_hit = by("pdserve_prefix_cache_hit_tokens_total", "worker")
     decisions = {f"{dict(ls)['reason']}": v for (n, ls), v in delta.items() if n == "pdserve_routing_decisions_total"}
-    count = total("pdserve_scheduler_decision_seconds_count")
+    count = total("pdserve_router_decision_seconds_count")
     by_turn = {}
     for k in sorted({t.turn for t in ok}):
         ts = [t for t in ok if t.turn == k]
@@ -102,7 +102,7 @@ def summarize(turns: list[Turn], wall: float, before: dict, after: dict) -> dict
         },
         "routing_decisions": decisions,
         "disaggregation_decisions": by("pdserve_disaggregation_decisions_total", "decision"),
-        "scheduler_decision_mean_us": 1e6 * total("pdserve_scheduler_decision_seconds_sum") / max(1, count),
+        "scheduler_decision_mean_us": 1e6 * total("pdserve_router_decision_seconds_sum") / max(1, count),
         "ttft": percentiles([t.ttft for t in ok if t.ttft is not None]),
         "e2e": percentiles([t.e2e for t in ok]),
     }

@@ -32,8 +32,8 @@ from scheduler_actor import run_actor
 from scheduler_harness import BS, GCPauses, SimWorkers, pct_us, workload
 
 from pdserve.protocol import RouteRequest
-from pdserve.scheduler.policies import POLICIES
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.policies import POLICIES
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 
 # ---- (a) in process -------------------------------------------------------------------------------------
 

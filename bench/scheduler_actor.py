@@ -12,7 +12,7 @@ import numpy as np
 from scheduler_harness import BS, SimWorkers, pct_us
 
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 
 
 class GlobalScheduler:

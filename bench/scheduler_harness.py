@@ -12,7 +12,7 @@ import numpy as np
 
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.protocol import BlockRemoved, BlockStored, KVEventBatch, RouteRequest, WorkerStats
-from pdserve.scheduler.router import NoCapacity
+from pdserve.router.router import NoCapacity
 
 BS = 16
 MAX_BLOCKS = 256

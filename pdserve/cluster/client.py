@@ -28,7 +28,7 @@ from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerDraining
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo, load_model_info
 from pdserve.protocol import EngineRequest, PrefillResult, Refused, Route, RouteRequest, SamplingParams, TokenDelta
-from pdserve.scheduler.router import NoCapacity
+from pdserve.router.router import NoCapacity
 
 log = logging.getLogger(__name__)
 

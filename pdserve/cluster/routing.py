@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from pdserve.protocol import RouteRequest
-from pdserve.scheduler.router import NoCapacity
+from pdserve.router.router import NoCapacity
 
 
 class RouteBatcher:

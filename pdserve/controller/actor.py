@@ -23,7 +23,7 @@ from pdserve.controller.metrics import ControllerMetrics
 from pdserve.controller.registry import Registry
 from pdserve.hashing import BlockHash
 from pdserve.protocol import KVEventBatch, MigrationRecord, RouteRequest, WorkerStats
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Controller:
                 continue
             self.metrics.routing_decisions.labels(policy, route.policy_reason).inc()
             self.metrics.disagg_decisions.labels(route.reason).inc()
-            self.metrics.scheduler_decision_seconds.observe(route.decision_s)
+            self.metrics.router_decision_seconds.observe(route.decision_s)
             out.append(route)
         return out
 

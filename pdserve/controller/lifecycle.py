@@ -17,7 +17,7 @@ from pdserve.controller.frontends import Frontends
 from pdserve.controller.metrics import ControllerMetrics
 from pdserve.controller.migrations import DECODERS, Migrations
 from pdserve.controller.registry import Registry, WorkerRecord
-from pdserve.scheduler.router import Router
+from pdserve.router.router import Router
 
 log = logging.getLogger(__name__)
 

@@ -92,9 +92,9 @@ class ControllerMetrics:
             ["decision"],
             registry=r,
         )
-        self.scheduler_decision_seconds = Histogram(
-            "pdserve_scheduler_decision_seconds",
-            "Time the global scheduler spent on one routing decision",
+        self.router_decision_seconds = Histogram(
+            "pdserve_router_decision_seconds",
+            "Time the global router spent on one routing decision",
             buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
             registry=r,
         )

@@ -1,7 +1,7 @@
 """Virtual time for the real Router: its `time.time()` (pending decisions vs report times) and the prefix
 index's `time.monotonic()` (prediction TTLs) read the simulator's clock while `virtual_clock` is active.
 
-pdserve.scheduler has no clock parameter, so this swaps the `time` module those two modules see for a
+pdserve.router has no clock parameter, so this swaps the `time` module those two modules see for a
 stand-in (perf_counter stays real: it times decisions). Not thread-safe; one simulation at a time per process.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from pdserve.scheduler import prefix_index, router
+from pdserve.router import prefix_index, router
 
 
 class VirtualClock:

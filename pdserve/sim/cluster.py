@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass, field
 
 from pdserve.protocol import RouteRequest
-from pdserve.scheduler.policies import DisaggConfig
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.policies import DisaggConfig
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 from pdserve.sim.clock import VirtualClock, virtual_clock
 from pdserve.sim.model import LatencyModel
 from pdserve.sim.trace import TraceRequest

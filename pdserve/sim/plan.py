@@ -11,7 +11,7 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from pdserve.scheduler.policies import DisaggConfig
+from pdserve.router.policies import DisaggConfig
 from pdserve.sim.cluster import ClusterConfig, Simulation
 from pdserve.sim.metrics import SLO, summarize
 from pdserve.sim.model import LatencyModel

@@ -49,7 +49,7 @@ def load_trace(path: Path, block_size: int, limit: int | None = None) -> list[Tr
 
 def check(args: argparse.Namespace) -> None:
     """Flag values the parser cannot check; a ValueError names the flag (the CLI exits 2 with it)."""
-    from pdserve.scheduler.policies import POLICIES
+    from pdserve.router.policies import POLICIES
 
     if not Path(args.trace).is_file():
         raise ValueError(f"--trace: no such file: {args.trace}")

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from pdserve.config import EngineConfig
 from pdserve.policy_options import PrefixAwareOptions, SGLangCacheAwareOptions
-from pdserve.scheduler.policies import Candidate, Decision, PrefixAware, SGLangCacheAware, make_policy
+from pdserve.router.policies import Candidate, Decision, PrefixAware, SGLangCacheAware, make_policy
 
 
 class PrefixAwareQueueOptions(PrefixAwareOptions):

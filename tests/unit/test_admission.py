@@ -16,7 +16,7 @@ from pdserve.config import EngineConfig, WorkerConfig, load_config
 from pdserve.engine_client import Overloaded
 from pdserve.model_info import load_model_info
 from pdserve.protocol import SamplingParams, WorkerStats
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 from pdserve.workers.worker import Worker
 from tests.unit.test_migration import Handle, leak_free, prompt
 

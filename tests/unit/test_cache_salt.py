@@ -218,7 +218,7 @@ class _DirectRouter:
 def test_global_index_matches_salted_blocks_only_under_the_same_salt():
     from pdserve.cluster.client import ClusterClient
     from pdserve.model_info import load_model_info
-    from pdserve.scheduler.router import Router, RouterConfig
+    from pdserve.router.router import Router, RouterConfig
 
     eng = LLMEngine(EngineConfig(num_kv_blocks=64))
     eng.take_kv_events()  # start recording

@@ -121,7 +121,7 @@ def test_pdserve_config_command_prints_the_effective_yaml(tmp_path):
 
 
 def test_routing_names_match_the_scheduler_and_the_tree_imports_no_torch():
-    from pdserve.scheduler.policies import POLICIES
+    from pdserve.router.policies import POLICIES
 
     assert set(POLICY_NAMES) == set(POLICIES)
     code = "import sys, pdserve.config, pdserve.cli_flags; assert 'torch' not in sys.modules"

@@ -13,8 +13,8 @@ import pytest
 from pdserve.cli import main
 from pdserve.config import ServeConfig, load_config
 from pdserve.policy_options import POLICY_OPTIONS, PolicyOptions
-from pdserve.scheduler.policies import POLICIES, make_policy
-from pdserve.scheduler.router import Router, RouterConfig
+from pdserve.router.policies import POLICIES, make_policy
+from pdserve.router.router import Router, RouterConfig
 
 
 @pytest.fixture(autouse=True)

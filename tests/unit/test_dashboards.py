@@ -46,7 +46,7 @@ SHOWN = (
     "pdserve_worker_kv_usage_ratio",
     "pdserve_routing_decisions_total",
     "pdserve_disaggregation_decisions_total",
-    "pdserve_scheduler_decision_seconds",
+    "pdserve_router_decision_seconds",
     "pdserve_prefix_cache_prompt_tokens_total",
     "pdserve_prefix_cache_hit_tokens_total",
     "pdserve_workers",

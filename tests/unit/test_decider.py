@@ -4,7 +4,7 @@ import pytest
 
 from pdserve.config import DisaggConfig
 from pdserve.protocol import RouteRequest
-from pdserve.scheduler.policies import Candidate, WorkerView, decide_local_prefill
+from pdserve.router.policies import Candidate, WorkerView, decide_local_prefill
 
 BUSY = 10_000  # prompt tokens queued on the least-queued prefill worker: saturated (default threshold 8192)
 

@@ -1,4 +1,4 @@
-"""The import layering from STYLE.md: engine/ and kv/ import neither Ray nor FastAPI; scheduler/, api/ and
+"""The import layering from STYLE.md: engine/ and kv/ import neither Ray nor FastAPI; router/, api/ and
 the engine-client seam import no torch; workers/ do not import the HTTP layer.
 
 Two checks. RULES: what each package's own files import (read with ast). REACH: what a module may not reach
@@ -32,10 +32,10 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "pdserve"
 
 RULES = {
-    "engine": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.scheduler"},
-    "kv": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.scheduler"},
-    "scheduler": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
-    "api": {"torch", "ray", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.scheduler", "pdserve.cluster"},
+    "engine": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.router"},
+    "kv": {"ray", "fastapi", "starlette", "uvicorn", "pdserve.workers", "pdserve.api", "pdserve.router"},
+    "router": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
+    "api": {"torch", "ray", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.router", "pdserve.cluster"},
     "autoscale": {"torch", "ray", "fastapi", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.api"},
     "handoff": {
         "fastapi",
@@ -90,7 +90,7 @@ def test_engine_client_seam_and_protocol_import_no_torch():
         assert not {n for n in imports(PKG / module) if n.split(".")[0] in ("torch", "ray", "fastapi")}, module
 
 
-NO_TORCH = ["api", "cluster", "scheduler", "autoscale", "sim", "config", "protocol", "hashing", "model_info"]
+NO_TORCH = ["api", "cluster", "router", "autoscale", "sim", "config", "protocol", "hashing", "model_info"]
 NO_TORCH += ["engine_client", "demo_model"]
 REACH = {f"pdserve.{m}": {"torch"} for m in NO_TORCH} | {
     f"pdserve.{m}": {"ray", "fastapi", "starlette", "uvicorn"} for m in ("engine", "kv")

@@ -8,7 +8,7 @@ import pytest
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.policy_options import PrefixAwareOptions
 from pdserve.protocol import BlockStored, KVEventBatch, RouteRequest, WorkerStats
-from pdserve.scheduler.policies import (
+from pdserve.router.policies import (
     POLICIES,
     Candidate,
     DisaggConfig,
@@ -21,7 +21,7 @@ from pdserve.scheduler.policies import (
     decide_local_prefill,
     make_policy,
 )
-from pdserve.scheduler.router import NoCapacity, Router, RouterConfig
+from pdserve.router.router import NoCapacity, Router, RouterConfig
 
 REQ = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)
 

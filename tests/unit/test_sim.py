@@ -6,7 +6,7 @@ import pytest
 
 from pdserve.config import DisaggConfig
 from pdserve.protocol import BlockRemoved, BlockStored
-from pdserve.scheduler import prefix_index, router
+from pdserve.router import prefix_index, router
 from pdserve.sim.cluster import ClusterConfig, Simulation
 from pdserve.sim.kvcache import KVCache
 from pdserve.sim.metrics import SLO, handoff, meets, meets_first_token_held, summarize, tpot, tpot_decode
@@ -76,7 +76,7 @@ def test_decode_run_matches_single_steps():
 
 def test_queued_prefills_weigh_fully_on_decode_workers_and_a_quarter_on_colocated_ones():
     from pdserve.protocol import RouteRequest
-    from pdserve.scheduler.policies import Candidate, WorkerView
+    from pdserve.router.policies import Candidate, WorkerView
     from pdserve.sim.variants import make_variant
 
     req = RouteRequest(request_id="r", num_prompt_tokens=1000, max_tokens=10)

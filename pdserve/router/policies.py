@@ -27,7 +27,7 @@ from pdserve.protocol import RouteRequest
 
 @dataclass
 class WorkerView:
-    """What the scheduler believes about one worker: its last report plus decisions made since."""
+    """What the router believes about one worker: its last report plus decisions made since."""
 
     worker_id: str
     role: str

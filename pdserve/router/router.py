@@ -14,15 +14,15 @@ from bisect import bisect_right
 from pdserve.config import EngineConfig, RoutingConfig, ServeConfig
 from pdserve.hashing import BlockHash
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
-from pdserve.scheduler.policies import (
+from pdserve.router.policies import (
     Candidate,
     RoutingPolicy,
     WorkerView,
     decide_local_prefill,
     make_policy,
 )
-from pdserve.scheduler.pool import Pool
-from pdserve.scheduler.prefix_index import PrefixIndex
+from pdserve.router.pool import Pool
+from pdserve.router.prefix_index import PrefixIndex
 
 
 class NoCapacity(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 
-from pdserve.scheduler.policies import Candidate, RoutingPolicy, WorkerView
+from pdserve.router.policies import Candidate, RoutingPolicy, WorkerView
 
 
 class Pool:

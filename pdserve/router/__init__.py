@@ -1,0 +1,1 @@
+"""The global router: prefix index, routing policies (pure: filter -> score -> pick) and the router (no Ray)."""

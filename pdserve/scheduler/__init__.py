@@ -1,1 +1,0 @@
-"""Global scheduler: routing policies (pure) and the GlobalScheduler actor (control plane only)."""

@@ -73,7 +73,7 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
-    kv_held: bool = False  # prefill role: the blocks stay held for export until released
+    held: bool = False  # prefill role: the blocks stay held for the receiver until the sender releases them
     queue_s: float | None = None  # first delta only: arrival -> first scheduled, in this engine
     prefill_s: float | None = None  # first delta only: first scheduled -> first token
     moved_to: str | None = None  # no tokens: the request now continues on this worker (a live migration)
@@ -95,7 +95,7 @@ class ExportedRequest(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0
     block_size: int = 16
     model_id: str = ""
-    text_emitted: int = 0  # characters of output text the sender already released (the rest it held back)
+    text_emitted: int = 0  # characters of output text the sender already emitted (the rest it held back)
     cache_salt: str | None = None  # the receiver caches (and reuses) its KV under the same salt
 
 
@@ -177,8 +177,8 @@ class EngineRequest(msgspec.Struct, kw_only=True):
 
 
 class KVHandoff(msgspec.Struct, kw_only=True):
-    """A prefilled request whose KV a decode worker may pull: the sender holds the blocks until
-    `release` (after the pull), the lease deadline, a cancel, or the receiver's death."""
+    """A prefilled request whose KV a decode worker may pull: the sender holds the blocks until the
+    receiver confirms (after the pull, or giving up), the lease deadline, or the receiver's death."""
 
     request: ExportedRequest
     prefill_worker: str  # worker id, also the transport peer name
@@ -222,6 +222,9 @@ class MigrationStage(msgspec.Struct, kw_only=True):
     token_ids: list[int]
     src_block_ids: list[int]
     cache_salt: str | None = None  # the request's: the target's prefix-cache lookup is under it
+    # wall clock (0: none): the target starts no pull after it and ends its pulls by it; the source keeps the
+    # blocks readable until its own wait for the stage ends, after it
+    deadline: float = 0.0
 
 
 class MigrationFinal(msgspec.Struct, kw_only=True):
@@ -234,6 +237,7 @@ class MigrationFinal(msgspec.Struct, kw_only=True):
     src_block_ids: list[int]  # the source's blocks from position `start` to the end of the KV
     reply_to: str  # the frontend whose outbox streams the request
     paused_at: float  # wall clock when the source stopped the request
+    deadline: float = 0.0  # as MigrationStage's
 
 
 class StageResult(msgspec.Struct, kw_only=True):
@@ -263,7 +267,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     role: str
     num_running: int
     num_waiting: int
-    num_held: int  # prefill: blocks under lease; decode: imports in flight
+    num_held: int  # requests whose blocks are held here for a peer to pull (under a lease)
     num_free_blocks: int
     num_blocks: int
     kv_usage: float
@@ -280,6 +284,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     num_requests_total: int = 0  # requests admitted (generate, prefill, or a KV import), cumulative
     num_refused_total: int = 0  # requests refused at the admission bound (a `Refused` answer), cumulative
     num_generated_tokens_total: int = 0  # tokens sampled here, cumulative (decode throughput's numerator)
+    num_importing: int = 0  # requests whose KV is on its way here (slot reserved, or reserved blocks pulling)
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

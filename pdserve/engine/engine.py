@@ -1,7 +1,7 @@
 """LLMEngine: requests in, token deltas out; `step()` = schedule -> run the model -> sample -> postprocess.
 
 Roles: a PREFILL request is held (blocks kept) after its first token, for a peer to pull; the handoff
-operations (export, import, live-migration stages) are in `engine/handoff.py`.
+operations (export, import, live-migration stages) are `engine.handoff` (`engine/handoff.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine import loader
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
-from pdserve.engine.handoff import HandoffMixin, OutOfKVBlocks  # noqa: F401 (re-exported)
+from pdserve.engine.handoff import EngineHandoff, OutOfKVBlocks  # noqa: F401 (re-exported)
 from pdserve.engine.model_runner import ModelRunner, num_kv_blocks
 from pdserve.engine.sampler import compute_logprobs, sample
 from pdserve.engine.scheduler import Scheduler
@@ -23,7 +23,7 @@ from pdserve.hashing import BlockHash, root_hash
 from pdserve.protocol import KVEvent, SamplingParams, TokenDelta
 
 
-class LLMEngine(HandoffMixin):
+class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
@@ -49,6 +49,7 @@ class LLMEngine(HandoffMixin):
         # Admitted: running, parked, waiting, importing (WAITING_FOR_REMOTE_KVS), or holding a reserved slot.
         self.max_waiting: int | None = None
         self.reserved_slots: set[str] = set()  # requests whose KV will arrive by a handoff (decode side)
+        self.handoff = EngineHandoff(self)
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -129,6 +130,10 @@ class LLMEngine(HandoffMixin):
         self._finish(req, "abort")
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` is live here (in any state: queued, running, held, importing)."""
+        return request_id in self.requests
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -191,7 +196,7 @@ class LLMEngine(HandoffMixin):
         elif req.role is Role.PREFILL and len(req.output_token_ids) == 1:
             self.scheduler.remove(req)
             req.status = Status.HELD
-            delta.kv_held = True
+            delta.held = True
         return delta
 
     def _cache_full_blocks(self, req: Request) -> None:
@@ -244,7 +249,8 @@ class LLMEngine(HandoffMixin):
             "num_running": len(sched.running) + len(sched.parked),
             "num_waiting": len(sched.waiting),
             "num_free_slots": max(0, sched.max_num_seqs - self.num_admitted()),
-            "num_held": sum(r.status in (Status.HELD, Status.WAITING_FOR_REMOTE_KVS) for r in self.requests.values())
+            "num_held": sum(r.status is Status.HELD for r in self.requests.values()),
+            "num_importing": sum(r.status is Status.WAITING_FOR_REMOTE_KVS for r in self.requests.values())
             + len(self.reserved_slots),
             "num_free_blocks": self.blocks.num_free_blocks,
             "num_blocks": self.blocks.num_blocks,

@@ -53,12 +53,25 @@ class Scheduler:
         elif req in self.parked:
             self.parked.remove(req)
 
+    def admit(self, req: Request) -> None:
+        """The entry point for a request that arrives with its KV computed (imported, resumed after an export,
+        unparked): it runs from the next step when a batch slot is free (`max_num_seqs`); else it waits first
+        in line as a preempted request does, its blocks freed (only running requests hold blocks, so the
+        running ones can always preempt their way to room; its full blocks stay in the prefix cache)."""
+        if len(self.running) < self.max_num_seqs:
+            req.status = Status.RUNNING
+            self.running.append(req)
+        else:
+            self._free_blocks(req)
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
+
     def unpark(self, req: Request) -> None:
         """The migration did not happen: schedule it here again; next time it is preempted, not parked."""
         if req in self.parked:
             self.parked.remove(req)
             req.no_park = True
-            self.running.append(req)
+            self.admit(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -113,10 +126,10 @@ class Scheduler:
             if not self.blocks.can_allocate(need):
                 if self._total_blocks(req, req.num_tokens - req.num_computed_tokens) > self.blocks.num_blocks:
                     self.waiting.popleft()
-                    self._release_blocks(req)
+                    self._free_blocks(req)
                     out.out_of_blocks.append(req)
                     continue
-                self._release_blocks(req)
+                self._free_blocks(req)
                 break
             self.waiting.popleft()
             req.block_ids += self.blocks.allocate(need)
@@ -148,7 +161,7 @@ class Scheduler:
             req.num_cached_tokens = req.num_computed_tokens
             req.admitted = True
 
-    def _release_blocks(self, req: Request) -> None:
+    def _free_blocks(self, req: Request) -> None:
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.num_cached_blocks = 0
@@ -165,7 +178,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)
-        self._release_blocks(req)
+        self._free_blocks(req)
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)

@@ -1,17 +1,34 @@
-"""The sending half of a KV handoff: blocks held for a receiver under a lease (a prefill's blocks, a
-migration's pinned stages), served to two-sided transports, freed on confirmation, lease expiry, abort or
-the receiver's death; and where requests that migrated away went (so a late abort follows them).
+"""The sending half of a KV handoff: one `Lease` record per outgoing transfer (a prefill's held request, a
+live migration's stages and paused request), served to two-sided transports, and released on confirmation,
+expiry, the peer's death or when nobody will pull; and where requests that migrated away went.
+
+A lease's blocks may be read by its peer at any moment while it is HELD or SERVING (a one-sided READ needs
+nothing from us), so only these events free them, each applied at once or, while serving, when it ends:
+
+    state      event                                   next       action
+    OPEN       held(blocks)                            HELD       deadline = now + lease_s; blocks readable
+    OPEN       abort | unclaimed                       RELEASED   none (the prefill is aborted in the engine)
+    HELD       stage(blocks)         [migration]       HELD       take a reference on each; readable
+    HELD       begin_final, final(blocks) [migration]  HELD       the paused request is this lease's; readable
+    HELD       serve                                   SERVING    serving += 1
+    SERVING    serve | serve done                      SERVING    serving +/- 1; at 0: HELD, apply `pending`
+    HELD       release(confirmed | expired | peer died | unclaimed)  RELEASED  free the request and references
+    HELD       resume                [migration]       RELEASED   references dropped; the request runs here
+                                                                  again (or is aborted, if `aborted`)
+    SERVING    release | resume                        SERVING    pending = that event
+    HELD/SERVING abort (prefill, or migration final)   same       aborted = True: its release still comes
+    RELEASED   any                                     RELEASED   none (idempotent); the record is gone
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
 
 from pdserve.config import WorkerConfig
-from pdserve.engine.sequence import Status
+from pdserve.handoff.peer import Engine, Peer, fire
 from pdserve.kv.transport import KVTransferError, KVTransport
 
 log = logging.getLogger(__name__)
@@ -19,124 +36,196 @@ log = logging.getLogger(__name__)
 _MOVED_TTL_S = 120.0
 
 
+class LeaseState(enum.Enum):
+    OPEN = "open"  # the prefill for the peer still runs: nothing is held yet
+    HELD = "held"  # blocks held for the peer, which may be reading them right now
+    SERVING = "serving"  # held, and a two-sided transport is sending some of them
+    RELEASED = "released"  # final: freed, or the request runs here again
+
+
 @dataclass
-class _Lease:
-    receiver: str
-    receiver_handle: object | None  # a Ray actor handle, pinged while the lease is open
-    deadline: float | None = None  # None while the prefill still runs
-    blocks: set[int] = field(default_factory=set)  # what the receiver may ask a two-sided transport for
+class Lease:
+    lease_id: str  # the request id (a prefill) or the migration id
+    request_id: str
+    peer: Peer | None
+    state: LeaseState = LeaseState.OPEN
+    migration: bool = False
+    holds_request: bool = False  # the held engine request is this lease's (a prefill's; a migration's final)
+    readable: set[int] = field(default_factory=set)  # blocks the peer may read (and a two-sided serve send)
+    refs: list[int] = field(default_factory=list)  # references taken on blocks (a migration's stages)
+    deadline: float | None = None  # wall clock; None: no expiry (a prefill still running, a migration)
+    serving: int = 0
+    pending: str | None = None  # a release reason, or "resume", that arrived while serving
+    aborted: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.state in (LeaseState.HELD, LeaseState.SERVING)
 
 
 class Sender:
-    def __init__(self, worker_id: str, loop, transport: KVTransport, options: WorkerConfig) -> None:
-        self.worker_id, self.loop, self.transport, self.options = worker_id, loop, transport, options
-        self._leases: dict[str, _Lease] = {}
-        self._pins: dict[str, set[int]] = {}  # migration id -> pinned blocks (served to its target)
-        self._moved: dict[str, tuple[object, float]] = {}  # request id -> (target handle, when)
+    def __init__(self, worker_id: str, engine: Engine, transport: KVTransport, options: WorkerConfig) -> None:
+        self.worker_id, self.engine, self.transport, self.options = worker_id, engine, transport, options
+        self.leases: dict[str, Lease] = {}
+        self._moved: dict[str, tuple[Peer, float]] = {}  # request id -> (where it went, when)
 
-    # ---- leases (prefill -> decode) ------------------------------------------------------------------
-    def hold(self, request_id: str, receiver: str, receiver_handle) -> None:
-        """A prefill for `receiver` starts: its blocks will be held once it ends (`start_lease`)."""
-        self._leases[request_id] = _Lease(receiver, receiver_handle)
+    # ---- prefill -> decode -----------------------------------------------------------------------------
+    def open(self, request_id: str, peer: Peer | None) -> None:
+        """A prefill for `peer` starts: its blocks will be held once it ends (`held`)."""
+        self.leases[request_id] = Lease(request_id, request_id, peer, holds_request=True)
 
-    def start_lease(self, request_id: str, block_ids: list[int]) -> float:
-        """The prefill ended and its blocks are held: the lease runs from now; returns its deadline."""
-        deadline = time.time() + self.options.lease_s
-        lease = self._leases.get(request_id)
-        if lease is not None:
-            lease.deadline, lease.blocks = deadline, set(block_ids)
-        return deadline
+    def held(self, request_id: str, block_ids: list[int]) -> float | None:
+        """The prefill ended with its blocks held: the lease runs from now; its deadline, or None when the
+        lease is no longer open (aborted meanwhile: there is no handoff, the engine aborts the request)."""
+        lease = self.leases.get(request_id)
+        if lease is None or lease.state is not LeaseState.OPEN:
+            return None
+        lease.state, lease.readable = LeaseState.HELD, set(block_ids)
+        lease.deadline = time.time() + self.options.lease_s
+        return lease.deadline
 
-    def is_held(self, request_id: str) -> bool:
-        """Its prefill ended and its blocks wait for a receiver, which may be reading them right now."""
-        lease = self._leases.get(request_id)
-        return lease is not None and lease.deadline is not None
+    def unclaimed(self, request_id: str) -> None:
+        """Nobody will pull: the prefill failed, finished at its first token, or its caller left before it
+        saw the handoff. An open lease ends; a held one releases at once (no peer knows its blocks)."""
+        lease = self.leases.get(request_id)
+        if lease is not None and lease.state is LeaseState.OPEN:
+            self._end(lease, None)
+        elif lease is not None:
+            self._release(lease, "unclaimed")
 
-    def forget(self, request_id: str) -> None:
-        """No blocks were held after all (the prefill failed, finished at once, or was cancelled)."""
-        self._leases.pop(request_id, None)
-
-    async def release(self, request_id: str) -> bool:
-        """The receiver has the KV (or gave up): free the held blocks now."""
-        if self._leases.pop(request_id, None) is None:
+    async def release(self, lease_id: str, reason: str) -> bool:
+        """`reason`: confirmed (the receiver has the KV or gave up), expired, peer died, unclaimed. False
+        when there was no live lease (already released: releases are idempotent)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or not lease.live:
             return False
-        await self.loop.call(lambda e: _release_held(e, request_id))
+        self._release(lease, reason)
+        await self.engine.call(lambda e: None)  # commands run in order: the blocks are free after this
         return True
 
-    def release_now(self, request_id: str) -> None:
-        self._leases.pop(request_id, None)
-        self.loop.submit(lambda e: _release_held(e, request_id))
+    def abort(self, request_id: str) -> bool:
+        """The client left. True when the handoff takes the abort over (the request moved away: forwarded;
+        its blocks are held for a peer: released when the lease ends); False when the engine aborts it now."""
+        moved = self._moved.pop(request_id, None)
+        if moved is not None:
+            fire(moved[0].abort([request_id]))
+            return True
+        for lease in list(self.leases.values()):
+            if lease.request_id != request_id or lease.state is LeaseState.RELEASED:
+                continue
+            if lease.state is LeaseState.OPEN:
+                self._end(lease, None)  # nothing held: the engine aborts the running prefill
+            elif lease.holds_request:
+                lease.aborted = True
+                return True
+        return False
 
-    # ---- pins (live migration) -----------------------------------------------------------------------
-    async def pin(self, migration_id: str, request_id: str, start: int):
-        """The request's full blocks from `start` on, referenced until `unpin` (see engine.pin_full_blocks)."""
-        view = await self.loop.call(lambda e: e.pin_full_blocks(request_id, start))
+    # ---- live migration, source side ---------------------------------------------------------------
+    def open_migration(self, migration_id: str, request_id: str, peer: Peer) -> bool:
+        """False when `request_id` is migrating already."""
+        if any(lease.migration and lease.request_id == request_id for lease in self.leases.values()):
+            return False
+        self.leases[migration_id] = Lease(migration_id, request_id, peer, LeaseState.HELD, migration=True)
+        return True
+
+    async def hold_stage(self, migration_id: str, start: int):
+        """The request's full blocks from `start` on, referenced until the migration ends (see
+        EngineHandoff.hold_full_blocks); None when the request cannot migrate any more."""
+        lease = self.leases[migration_id]
+        view = await self.engine.call(lambda e: e.handoff.hold_full_blocks(lease.request_id, start))
         if view is not None:
-            self._pins.setdefault(migration_id, set()).update(view[0])
+            lease.refs += view[0]
+            lease.readable.update(view[0])
         return view
 
-    async def unpin(self, migration_id: str, block_ids: list[int]) -> None:
-        await self.loop.call(lambda e: e.unpin(block_ids))
+    def begin_final(self, migration_id: str) -> None:
+        """From here the paused request is this lease's: an abort waits for the final stage's end."""
+        self.leases[migration_id].holds_request = True
 
-    def allow(self, migration_id: str, block_ids: list[int]) -> None:
-        """Blocks the migration's target may ask for (the final stage's, held by the paused request)."""
-        self._pins.setdefault(migration_id, set()).update(block_ids)
+    def hold_final(self, migration_id: str, block_ids: list[int]) -> None:
+        self.leases[migration_id].readable.update(block_ids)
 
-    def end_migration(self, migration_id: str) -> None:
-        self._pins.pop(migration_id, None)
+    async def end_migration(self, migration_id: str, migrated: bool) -> bool:
+        """Migrated: release the paused request and the references; otherwise resume the request here (or
+        abort it, if the client left meanwhile). Returns whether the client left during the final stage."""
+        lease = self.leases.get(migration_id)
+        if lease is None:
+            return False
+        aborted = lease.aborted
+        self._release(lease, "confirmed") if migrated else self._resume(lease)
+        await self.engine.call(lambda e: None)
+        return aborted
+
+    def moved(self, request_id: str, peer: Peer) -> None:
+        self._moved[request_id] = (peer, time.monotonic())
 
     # ---- the sender-side step of two-sided transports ------------------------------------------------
     async def serve(self, receiver: str, block_ids: list[int], key: int, timeout_s: float) -> None:
-        """Send blocks to `receiver`'s pull; only blocks held for a handoff (lease or migration) are served."""
-        allowed = set().union(*(lease.blocks for lease in self._leases.values() if lease.receiver == receiver))
-        allowed = allowed.union(*self._pins.values())
-        if not set(block_ids) <= allowed:
-            missing = sorted(set(block_ids) - allowed)[:8]
+        """Send blocks to `receiver`'s pull; only blocks a live lease for it holds are served."""
+        leases = [ls for ls in self.leases.values() if ls.live and ls.peer is not None and ls.peer.name == receiver]
+        readable = set().union(*(ls.readable for ls in leases))
+        if not set(block_ids) <= readable:
+            missing = sorted(set(block_ids) - readable)[:8]
             raise KVTransferError(f"{self.worker_id}: blocks {missing} are not held for {receiver}")
-        await self.transport.serve(receiver, block_ids, key, timeout_s)
+        leases = [ls for ls in leases if ls.readable & set(block_ids)]
+        for lease in leases:
+            lease.state, lease.serving = LeaseState.SERVING, lease.serving + 1
+        try:
+            await self.transport.serve(receiver, block_ids, key, timeout_s)
+        finally:
+            for lease in leases:
+                lease.serving -= 1
+                if not lease.serving:
+                    lease.state = LeaseState.HELD
+                    pending, lease.pending = lease.pending, None
+                    if pending == "resume":
+                        self._resume(lease)
+                    elif pending is not None:
+                        self._release(lease, pending)
 
-    # ---- requests that left ----------------------------------------------------------------------------
-    def moved(self, request_id: str, target_handle) -> None:
-        self._moved[request_id] = (target_handle, time.monotonic())
-
-    def follow_aborts(self, request_ids: list[str]) -> list[str]:
-        """Forward aborts of requests that migrated away to where they went; returns the others."""
-        rest = []
-        for rid in request_ids:
-            entry = self._moved.pop(rid, None)
-            if entry is None:
-                rest.append(rid)
-            else:
-                entry[0].abort.remote([rid])
-        return rest
-
-    # ---- background: expiry and dead receivers ---------------------------------------------------------
-    async def check(self, now: float, check_receivers: bool) -> None:
-        for rid, lease in list(self._leases.items()):
-            if lease.deadline is not None and lease.deadline < now:
-                log.warning("lease for %s expired; freeing its blocks", rid)
-                self.release_now(rid)
+    # ---- background: expiry and dead peers -----------------------------------------------------------
+    async def check(self, now: float, check_peers: bool) -> None:
+        for lease in list(self.leases.values()):
+            if lease.live and lease.deadline is not None and lease.deadline < now:
+                log.warning("lease for %s expired; freeing its blocks", lease.lease_id)
+                self._release(lease, "expired")
         for rid, (_, when) in list(self._moved.items()):
             if time.monotonic() - when > _MOVED_TTL_S:
                 del self._moved[rid]
-        if check_receivers and self._leases:
-            await self._check_receivers()
+        if check_peers:
+            held = [ls for ls in self.leases.values() if ls.live and ls.deadline is not None and ls.peer is not None]
+            for peer in {ls.peer.name: ls.peer for ls in held}.values():
+                if not await peer.alive():
+                    for lease in [ls for ls in held if ls.peer.name == peer.name]:
+                        log.warning("receiver %s is gone; freeing the blocks held for %s", peer.name, lease.lease_id)
+                        self._release(lease, "peer died")
 
-    async def _check_receivers(self) -> None:
-        import ray
+    # ---- transitions -----------------------------------------------------------------------------------
+    def _release(self, lease: Lease, reason: str) -> None:
+        if lease.state is LeaseState.SERVING:
+            lease.pending = reason
+            return
+        rid, refs, holds = lease.request_id, lease.refs, lease.holds_request
+        self._end(lease, lambda e: (e.handoff.release_blocks(refs), holds and e.handoff.release(rid)))
 
-        handles = {lease.receiver: lease.receiver_handle for lease in self._leases.values() if lease.receiver_handle}
-        for name, handle in handles.items():
-            try:
-                await asyncio.wait_for(handle.ping.remote(), timeout=self.options.liveness_interval_s * 4)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                for rid, lease in list(self._leases.items()):
-                    if lease.receiver == name and lease.deadline is not None:
-                        log.warning("receiver %s is gone; freeing the blocks held for %s", name, rid)
-                        self.release_now(rid)
+    def _resume(self, lease: Lease) -> None:
+        if lease.state is LeaseState.SERVING:
+            lease.pending = "resume"
+            return
+        rid, refs, holds, aborted = lease.request_id, lease.refs, lease.holds_request, lease.aborted
 
+        def resume(e) -> None:
+            e.handoff.release_blocks(refs)
+            if holds and aborted:
+                e.abort(rid)
+            elif holds and e.handoff.resume(rid):
+                log.info("%s carries on at %s", rid, self.worker_id)
 
-def _release_held(engine, request_id: str) -> None:
-    req = engine.requests.get(request_id)
-    if req is not None and req.status is Status.HELD:
-        engine.release(request_id)
+        self._end(lease, resume)
+
+    def _end(self, lease: Lease, action) -> None:
+        """Final: the record goes at once (so no second event acts on it); the engine runs `action` next."""
+        lease.state = LeaseState.RELEASED
+        self.leases.pop(lease.lease_id, None)
+        if action is not None:
+            self.engine.submit(action)

@@ -38,7 +38,7 @@ class _WorkerActor:
 
             worker_id, config, options, transport, migration, max_waiting = self._args
             self.w = Worker(worker_id, self.role, config, options, transport, _exit_process, migration, max_waiting)
-            self.w.migrator.self_handle = ray.get_runtime_context().current_actor
+            self.w.self_handle = ray.get_runtime_context().current_actor
         return self.w.peer_info()
 
     async def add_peers(self, infos: list[PeerInfo]) -> None:
@@ -94,8 +94,8 @@ class _WorkerActor:
         return await self.w.generate(req)
 
     # ---- the handoff: every role can send (a prefill's blocks, a migration's source) ----
-    async def release(self, request_id: str) -> bool:
-        return await self.w.release(request_id)
+    async def confirm(self, request_id: str) -> bool:
+        return await self.w.confirm(request_id)
 
     async def serve_kv(self, receiver: str, block_ids: list[int], key: int, timeout_s: float) -> None:
         await self.w.serve_kv(receiver, block_ids, key, timeout_s)

@@ -1,4 +1,4 @@
-"""LocalClient: the `EngineClient` over one in-process engine on an `EngineLoop` (tests, baseline).
+"""LocalClient: the `EngineClient` over one in-process engine on an `EngineThread` (tests, baseline).
 
 Each engine step's deltas reach the asyncio loop in one `call_soon_threadsafe` call and are routed there
 to per-request queues; the routing table is touched only on the asyncio loop's thread.
@@ -14,7 +14,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine_client import Overloaded, ServiceUnavailable
 from pdserve.protocol import SamplingParams, TokenDelta
-from pdserve.workers.engine_loop import EngineLoop
+from pdserve.workers.engine_thread import EngineThread
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class LocalClient:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task | None = None
         self._health_ids = itertools.count()
-        self.loop = EngineLoop(self.engine, self._on_outputs, name="pdserve-local-engine")
+        self.engine_thread = EngineThread(self.engine, self._on_outputs, name="pdserve-local-engine")
 
     # ---- engine thread -> asyncio loop -----------------------------------------------------------
     def _on_outputs(self, deltas: list[TokenDelta]) -> None:
@@ -65,9 +65,9 @@ class LocalClient:
     async def _watch(self) -> None:
         """Fail every open stream once the engine thread dies (streams registered before an add that
         succeeded are all in `_streams` by then, so none waits forever)."""
-        while self.loop.alive:
+        while self.engine_thread.alive:
             await asyncio.sleep(_LIVENESS_POLL_S)
-        error = ServiceUnavailable(f"the engine loop stopped ({self.loop.error!r})")
+        error = ServiceUnavailable(f"the engine thread stopped ({self.engine_thread.error!r})")
         for queue in self._streams.values():
             queue.put_nowait(error)
 
@@ -81,8 +81,8 @@ class LocalClient:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None, admit: bool
     ):
         self._bind()
-        if not self.loop.alive:
-            raise ServiceUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+        if not self.engine_thread.alive:
+            raise ServiceUnavailable(f"the engine thread is not running ({self.engine_thread.error!r})")
         if admit and len(self._streams) >= self.max_queued:
             raise Overloaded(f"{len(self._streams)} requests in flight (max_queued={self.max_queued})", retry_after=1.0)
         if request_id in self._streams:
@@ -91,7 +91,9 @@ class LocalClient:
         self._streams[request_id] = queue  # registered before the engine can produce its first delta
         finished = False
         try:
-            await self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, cache_salt=cache_salt))
+            await self.engine_thread.call(
+                lambda e: e.add_request(request_id, prompt_token_ids, params, cache_salt=cache_salt)
+            )
             while not finished:
                 delta = await queue.get()
                 if isinstance(delta, BaseException):
@@ -100,18 +102,18 @@ class LocalClient:
                 yield delta
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self.loop.alive:
+            if not finished and self.engine_thread.alive:
                 # Closed early (client gone, cancelled, error): commands run in order, so this abort runs
                 # after the add even when the add is still queued. Fire and forget: abort cannot fail.
-                self.loop.submit(lambda e: e.abort(request_id))
+                self.engine_thread.submit(lambda e: e.abort(request_id))
 
     async def migrate(self, request_id: str, target_worker: str | None) -> list[dict]:
         raise ValueError("live migration moves requests between workers; this server runs one local engine")
 
     async def check_health(self) -> None:
         """Liveness: the engine thread runs (a broken engine stops it for good)."""
-        if not self.loop.alive:
-            raise ServiceUnavailable(f"the engine loop is not running ({self.loop.error!r})")
+        if not self.engine_thread.alive:
+            raise ServiceUnavailable(f"the engine thread is not running ({self.engine_thread.error!r})")
 
     async def check_ready(self) -> None:
         await self.check_health()
@@ -131,11 +133,11 @@ class LocalClient:
             }
 
         try:
-            workers = [await self.loop.call(snapshot)]
-        except ServiceUnavailable:  # the engine loop is stopped: no live worker
+            workers = [await self.engine_thread.call(snapshot)]
+        except ServiceUnavailable:  # the engine thread is stopped: no live worker
             workers = []
         return {"workers": workers, "num_streams": len(self._streams)}
 
     async def shutdown(self) -> None:
         """Idempotent: stop the engine thread; the watchdog then fails the open streams."""
-        await asyncio.to_thread(self.loop.stop)
+        await asyncio.to_thread(self.engine_thread.stop)

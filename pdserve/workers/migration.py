@@ -1,79 +1,85 @@
-"""A worker's side of live migration, as source (find, migratable, migrate; out-of-blocks moves asked of
-the controller) and as target (stages, the final stage, drop). Mixed into `Worker`; the protocol itself
-lives in `pdserve.handoff`."""
+"""A worker's side of live migration, held by the Worker as `worker.migrations`: as source (migrate, and the
+out-of-blocks moves asked of the controller) and as target (stages, the final stage and its first token,
+drop). The protocol itself is `pdserve.handoff`'s."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import TYPE_CHECKING
 
-from pdserve.protocol import MigrationFinal, MigrationRecord, MigrationStage, StageResult
+from pdserve.protocol import MigrationFinal, MigrationRecord, MigrationStage, StageResult, TokenDelta
+
+if TYPE_CHECKING:
+    from pdserve.workers.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-class MigrationMixin:
-    """Needs the Worker's engine, loop, outboxes, receiver, migrator, migration config and _controller."""
+class Migrations:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self._first_token: dict[str, asyncio.Future] = {}  # migrated in: waiting for the resumed first token
 
-    def find(self, request_id: str) -> list[str]:
-        """Engine request ids here that belong to the API request `request_id` (its choices, retries)."""
-        n = len(request_id) + 1
-        return [
-            rid for rid in self.engine.requests
-            if rid == request_id or (rid[:n] == request_id + "-" and rid[n:].split(".")[0].isdigit())
-        ]  # fmt: skip
+    def on_delta(self, delta: TokenDelta) -> None:
+        """Every delta of this worker, on the asyncio loop: a migrated-in request's first one resolves its wait."""
+        waiter = self._first_token.pop(delta.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(time.time())
 
     async def migratable(self) -> list[tuple[str, int]]:
-        return await self.loop.call(lambda e: e.migratable())
+        return await self.w.engine_thread.call(lambda e: e.handoff.migratable())
 
     async def migrate(
         self, request_id: str, target: str, target_handle, reason: str, mode: str = "multi_stage"
     ) -> MigrationRecord:
         """Move a running request to `target` (source side); the record says how it went."""
-        return await self.migrator.migrate(request_id, target, target_handle, reason, mode)
+        return await self.w.handoff.migrator.migrate(request_id, self.w.peer(target_handle, target), reason, mode)
 
-    async def migrate_stage(self, stage: MigrationStage, source_handle) -> StageResult:
-        self._admit_check()
-        return await self.receiver.stage(stage, source_handle)
+    async def stage(self, stage: MigrationStage, source_handle) -> StageResult:
+        self.w._admit_check()
+        return await self.w.handoff.receiver.stage(stage, self.w.peer(source_handle, stage.source))
 
-    async def migrate_finish(self, final: MigrationFinal, source_handle) -> StageResult:
+    async def finish(self, final: MigrationFinal, source_handle) -> StageResult:
         """Target side of the final stage: take the request over and resume it here."""
-        self._admit_check()
+        w = self.w
+        w._admit_check()
         rid = final.request.request_id
-        self.outboxes.register(rid, final.reply_to)
-        waiter = self._first_token[rid] = self._aio.create_future()
+        w.outboxes.register(rid, final.reply_to)
+        waiter = self._first_token[rid] = asyncio.get_running_loop().create_future()
         try:
-            result = await self.receiver.finish_migration(final, source_handle)
+            result = await w.handoff.receiver.finish_migration(final, w.peer(source_handle, final.source))
         except BaseException:
             self._first_token.pop(rid, None)
-            self.outboxes.forget(rid)
+            w.outboxes.forget(rid)
             raise
-        self.num_requests_total += 1
+        w.num_requests_total += 1
         try:
-            m = self.migration
+            m = w.migration
             wait = max(m.first_token_wait_s, m.stage_timeout_s / 2)  # a recompute takes a prefill
             result.first_token_at = await asyncio.wait_for(asyncio.shield(waiter), wait)
         except asyncio.TimeoutError:
             self._first_token.pop(rid, None)
         return result
 
-    async def migrate_drop(self, migration_id: str) -> None:
-        await self.receiver.drop(migration_id)
+    async def drop(self, migration_id: str) -> None:
+        await self.w.handoff.receiver.drop(migration_id)
 
-    async def _migrate_parked(self, rid: str) -> None:
+    async def migrate_parked(self, rid: str) -> None:
         """Out of blocks, the engine parked `rid` instead of preempting it: move it where there is room,
         or let the engine preempt it after all."""
-        record = None
+        w, record = self.w, None
         try:
             target = None
-            if self._controller is not None:
+            if w._controller is not None:
                 blocks = dict(await self.migratable()).get(rid, 0)
-                target = await asyncio.wait_for(self._controller.migration_target.remote(self.worker_id, blocks), 5.0)
+                target = await asyncio.wait_for(w._controller.migration_target.remote(w.worker_id, blocks), 5.0)
             if target is not None:
-                record = await self.migrator.migrate(rid, target[0], target[1], "out_of_blocks")
-                await asyncio.wait_for(self._controller.record_migration.remote(record), 5.0)
+                record = await self.migrate(rid, target[0], target[1], "out_of_blocks")
+                await asyncio.wait_for(w._controller.record_migration.remote(record), 5.0)
         except Exception as e:
             log.warning("could not migrate parked request %s: %r", rid, e)
         finally:
             if record is None or record.outcome != "migrated":
-                await self.loop.call(lambda e: e.unpark(rid))
+                await w.engine_thread.call(lambda e: e.handoff.unpark(rid))

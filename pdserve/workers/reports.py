@@ -3,7 +3,7 @@ when the controller asks to resync (a gap, or a restarted controller that lost i
 
 The heartbeat never waits on the engine: while a long step runs (a big prefill chunk can take seconds on a
 CPU) it repeats the last numbers, so a busy engine is not mistaken for a dead worker; the fresh numbers and
-events follow as soon as the step ends. A broken engine ends the worker's process instead (engine_loop)."""
+events follow as soon as the step ends. A broken engine ends the worker's process instead (engine_thread)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ async def report_loop(worker) -> None:
         try:
             if pending is None:
                 # after a step: its batch is formed, so the report's waiting requests are those without a slot
-                stats = worker.loop.call(lambda e: (e.stats(), e.take_kv_events()), after_step=True)
+                stats = worker.engine_thread.call(lambda e: (e.stats(), e.take_kv_events()), after_step=True)
                 pending = asyncio.ensure_future(stats)
             done, _ = await asyncio.wait([pending], timeout=worker.options.report_interval_s)
             events = []
@@ -35,7 +35,7 @@ async def report_loop(worker) -> None:
                 controller = worker._controller
                 if not await asyncio.wait_for(controller.report.remote(worker.wrap_stats(raw), batch), 5.0):
                     seq += 1
-                    hashes = await worker.loop.call(lambda e: e.kv_snapshot())
+                    hashes = await worker.engine_thread.call(lambda e: e.kv_snapshot())
                     await asyncio.wait_for(controller.resync.remote(worker.worker_id, epoch, seq, hashes), 5.0)
             if failing:
                 log.warning("reports to the controller go through again")

@@ -1,5 +1,5 @@
-"""A worker: one engine, one KV transport, and the two halves of the handoff (sender, receiver) plus the
-live-migration driver, behind async methods; this module is the wiring between them.
+"""A worker: one engine on its thread, one KV transport and the handoff (sender, receiver, migration driver)
+behind async methods; this module is the wiring between them.
 
 Wrapped as Ray actors in `actors.py` (PrefillWorker, DecodeWorker, ColocatedWorker). Tokens leave a worker in
 batches: `poll_outputs` returns everything produced since the last call (one call per step at most).
@@ -15,27 +15,31 @@ from collections.abc import Callable
 from pdserve.config import ROLES, EngineConfig, KVConfig, MigrationConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine_client import WorkerDraining, WorkerFailed
-from pdserve.handoff import Migrator, Receiver, Sender
+from pdserve.handoff import Handoff
 from pdserve.protocol import (
     DecodeStarted,
     EngineRequest,
     KVHandoff,
     KVLayout,
+    MigrationFinal,
+    MigrationStage,
     PeerInfo,
     PrefillResult,
     Refused,
+    StageResult,
     TokenDelta,
     WorkerStats,
 )
-from pdserve.workers.engine_loop import EngineLoop
-from pdserve.workers.migration import MigrationMixin
+from pdserve.workers.engine_thread import EngineThread
+from pdserve.workers.migration import Migrations
 from pdserve.workers.outbox import Outboxes
+from pdserve.workers.ray_peer import RayPeer
 from pdserve.workers.reports import report_loop
 
 log = logging.getLogger(__name__)
 
 
-class Worker(MigrationMixin):
+class Worker:
     """`on_fatal` runs once, on the asyncio loop, after the engine broke and every waiter was failed; the
     actor passes a function that ends its process, so the failure is a death everyone can see."""
 
@@ -70,16 +74,15 @@ class Worker(MigrationMixin):
         kv = transport if isinstance(transport, KVConfig) else KVConfig(transport=transport)  # a kind: its defaults
         options_ = transport_options(kv)
         self.transport = make_transport(kv.transport, worker_id, self.engine.kv_cache, self.layout, **options_)
-        self._aio = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self.outboxes = Outboxes()
-        self.loop = EngineLoop(
+        self.engine_thread = EngineThread(
             self.engine, self._on_outputs, name=f"engine-{worker_id}", on_error=self._on_engine_error
         )
-        self.sender = Sender(worker_id, self.loop, self.transport, options)
-        self.receiver = Receiver(worker_id, self.loop, self.transport, options)
-        self.migrator = Migrator(worker_id, self.loop, self.sender, self.outboxes, self.migration)
-        self._prefills: dict[str, asyncio.Future] = {}
-        self._first_token: dict[str, asyncio.Future] = {}  # migrated in: waiting for the resumed first token
+        self.handoff = Handoff(worker_id, self.engine_thread, self.transport, options, self.outboxes, self.migration)
+        self.migrations = Migrations(self)
+        self.self_handle = None  # this worker's actor handle: a migration target calls back through it
+        self._prefills: dict[str, asyncio.Future] = {}  # prefills here whose result the caller awaits
         self._draining = False
         self._closed = False
         self._controller = None
@@ -119,7 +122,7 @@ class Worker(MigrationMixin):
         first = self._controller is None
         self._controller = handle
         if self_handle is not None:
-            self.migrator.self_handle = self_handle
+            self.self_handle = self_handle
         if first:
             self._tasks.append(asyncio.ensure_future(report_loop(self)))
 
@@ -128,17 +131,17 @@ class Worker(MigrationMixin):
         await self._closed_event.wait()
 
     async def health(self) -> bool:
-        if not self.loop.alive:
-            raise RuntimeError(f"worker {self.worker_id}: engine loop failed: {self.loop.error!r}")
-        await self.loop.call(lambda e: None)
+        if not self.engine_thread.alive:
+            raise RuntimeError(f"worker {self.worker_id}: engine thread failed: {self.engine_thread.error!r}")
+        await self.engine_thread.call(lambda e: None)
         return True
 
     async def stats(self) -> WorkerStats:
-        return self.wrap_stats(await self.loop.call(lambda e: e.stats()))
+        return self.wrap_stats(await self.engine_thread.call(lambda e: e.stats()))
 
     def wrap_stats(self, raw: dict) -> WorkerStats:
         return WorkerStats(
-            worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.loop.alive,
+            worker_id=self.worker_id, role=self.role, time=time.time(), alive=self.engine_thread.alive,
             draining=self._draining, prefix_prompt_tokens_total=self.prefix_prompt_tokens_total,
             prefix_hit_tokens_total=self.prefix_hit_tokens_total, num_requests_total=self.num_requests_total,
             num_refused_total=self.num_refused_total, **raw,
@@ -147,7 +150,7 @@ class Worker(MigrationMixin):
     async def leak_report(self) -> str | None:
         """None when every KV block is free or cached-and-unreferenced; otherwise what is still held."""
 
-        staging = self.receiver.describe()
+        staging = self.handoff.receiver.describe()
 
         def check(engine: LLMEngine) -> str | None:
             try:
@@ -156,14 +159,14 @@ class Worker(MigrationMixin):
                 return f"{e}; live requests: {list(engine.requests)[:8]}; migrations staged here: {staging}"
             return None
 
-        return await self.loop.call(check)
+        return await self.engine_thread.call(check)
 
     async def drain(self) -> None:
         """Refuse new requests and wait until everything admitted here has finished or been handed off."""
         self._draining = True
         while True:
             s = await self.stats()
-            if not (s.num_running or s.num_waiting or s.num_held or self.receiver.num_staging):
+            if not (s.num_running or s.num_waiting or s.num_held or s.num_importing or self.handoff.busy):
                 return
             await asyncio.sleep(0.05)
 
@@ -175,15 +178,15 @@ class Worker(MigrationMixin):
         self._closed_event.set()
         for t in self._tasks:
             t.cancel()
-        self.loop.stop()
+        self.engine_thread.stop()
         for fut in self._prefills.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(f"worker {self.worker_id} shut down"))
         self.transport.close()
 
     def _on_engine_error(self, error: BaseException) -> None:
-        """Engine thread: the engine is broken (the loop logged the traceback); stop serving on the asyncio loop."""
-        self._aio.call_soon_threadsafe(self._fail, error)
+        """Engine thread: the engine is broken (the thread logged the traceback); stop serving on the asyncio loop."""
+        self._loop.call_soon_threadsafe(self._fail, error)
 
     def _fail(self, error: BaseException) -> None:
         self._closed = True
@@ -199,10 +202,10 @@ class Worker(MigrationMixin):
         `stall_migration` makes every migration stage arriving here wait 3 s before it copies;
         `fail_transfer` makes the next KV pull into this worker (a P->D handoff or a migration) fail."""
         if kind == "stall_migration":
-            self.receiver.stall_s = 3.0
+            self.handoff.receiver.stall_s = 3.0
             return
         if kind == "fail_transfer":
-            self.receiver.fail_pulls += 1
+            self.handoff.receiver.fail_pulls += 1
             return
         if kind != "engine_step":
             raise ValueError(f"unknown fault kind {kind!r}; known: ['engine_step', 'stall_migration', 'fail_transfer']")
@@ -210,17 +213,17 @@ class Worker(MigrationMixin):
         def broken_step():
             raise RuntimeError("injected fault: engine step failed")
 
-        self.loop.submit(lambda e: setattr(e, "step", broken_step))
+        self.engine_thread.submit(lambda e: setattr(e, "step", broken_step))
 
     # ---- outputs ------------------------------------------------------------------------------------
     def _on_outputs(self, deltas: list[TokenDelta]) -> None:
         """Engine thread, once per step: export finished prefills, queue the rest for poll_outputs."""
         handoffs = {}
         for d in deltas:
-            if d.request_id in self._prefills and d.kv_held:
-                handoffs[d.request_id] = self.engine.export_request(d.request_id)
+            if d.request_id in self._prefills and d.held:
+                handoffs[d.request_id] = self.engine.handoff.export_request(d.request_id)
         parked, self.engine.parked_ids = self.engine.parked_ids, []
-        self._aio.call_soon_threadsafe(self._deliver, deltas, handoffs, parked)
+        self._loop.call_soon_threadsafe(self._deliver, deltas, handoffs, parked)
 
     def _deliver(self, deltas: list[TokenDelta], handoffs: dict, parked: list[str]) -> None:
         out = []
@@ -229,31 +232,27 @@ class Worker(MigrationMixin):
                 self._first_pending.discard(d.request_id)
                 self.prefix_prompt_tokens_total += d.num_prompt_tokens
                 self.prefix_hit_tokens_total += d.num_cached_tokens
-            waiter = self._first_token.pop(d.request_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(time.time())
+            self.migrations.on_delta(d)
             fut = self._prefills.pop(d.request_id, None)
             if fut is None:
                 out.append(d)
                 continue
-            handoff = None
-            if d.request_id in handoffs:
-                record, blocks = handoffs[d.request_id]
-                deadline = self.sender.start_lease(d.request_id, blocks)  # the lease runs from the prefill's end
+            if fut.done():  # the caller left: its prefill() frees what is held
+                continue
+            handoff, (record, blocks) = None, handoffs.get(d.request_id, (None, []))
+            deadline = self.handoff.sender.held(d.request_id, blocks) if record is not None else None
+            if deadline is not None:  # the lease runs from the prefill's end
                 handoff = KVHandoff(
                     request=record, prefill_worker=self.worker_id, block_ids=blocks, lease_deadline=deadline,
                     num_bytes=len(blocks) * self.layout.block_bytes,
                 )  # fmt: skip
-            if not fut.done():
-                fut.set_result(
-                    PrefillResult(delta=d, handoff=handoff, queue_s=d.queue_s or 0.0, prefill_s=d.prefill_s or 0.0)
-                )
-            elif handoff is not None:  # the caller gave up (cancelled): nobody will pull
-                self.sender.release_now(d.request_id)
+            fut.set_result(
+                PrefillResult(delta=d, handoff=handoff, queue_s=d.queue_s or 0.0, prefill_s=d.prefill_s or 0.0)
+            )
         if out:
             self.outboxes.put(out)
         for rid in parked:
-            asyncio.ensure_future(self._migrate_parked(rid))
+            asyncio.ensure_future(self.migrations.migrate_parked(rid))
 
     async def poll_outputs(self, timeout_s: float = 1.0, consumer: str = "") -> list[TokenDelta]:
         """Everything produced for `consumer` (a frontend) since its last call; waits up to timeout_s."""
@@ -261,8 +260,8 @@ class Worker(MigrationMixin):
 
     # ---- requests -----------------------------------------------------------------------------------
     def _admit_check(self) -> None:
-        if self.loop.error is not None:
-            raise WorkerFailed(f"worker {self.worker_id}: the engine failed: {self.loop.error!r}")
+        if self.engine_thread.error is not None:
+            raise WorkerFailed(f"worker {self.worker_id}: the engine failed: {self.engine_thread.error!r}")
         if self._draining or self._closed:
             raise WorkerDraining(f"worker {self.worker_id} is draining and takes no new requests")
 
@@ -281,7 +280,7 @@ class Worker(MigrationMixin):
             e.add_request(req.request_id, req.prompt_token_ids, req.params, role, req.cache_salt)
             return None
 
-        return await self.loop.call(add)
+        return await self.engine_thread.call(add)
 
     async def generate(self, req: EngineRequest) -> Refused | None:
         """Colocated/decode role: prefill and decode here; tokens come out through poll_outputs. A `Refused`
@@ -308,7 +307,7 @@ class Worker(MigrationMixin):
         so does the consumer timeout of a frontend that never follows up."""
         self._admit_check()
         self.outboxes.register(req.request_id, req.reply_to)
-        full = await self.loop.call(lambda e: None if e.reserve_slot(req.request_id) else e.num_admitted())
+        full = await self.engine_thread.call(lambda e: None if e.reserve_slot(req.request_id) else e.num_admitted())
         if full is not None:
             self.outboxes.forget(req.request_id)
             return self._refused(full)
@@ -318,36 +317,41 @@ class Worker(MigrationMixin):
         """Compute the prompt and the first token; hold the blocks under a lease for `decode_worker`. A
         `Refused` answer (at the admission bound) means nothing was started."""
         self._admit_check()
-        fut = self._aio.create_future()
-        self._prefills[req.request_id] = fut
-        self.sender.hold(req.request_id, decode_worker, decode_handle)
-        self._first_pending.add(req.request_id)
+        fut = self._loop.create_future()
+        rid, sender = req.request_id, self.handoff.sender
+        self._prefills[rid] = fut
+        sender.open(rid, self.peer(decode_handle, decode_worker) if decode_handle is not None else None)
+        self._first_pending.add(rid)
         try:
             full = await self._add(req, "prefill")
             if full is not None:
-                self._prefills.pop(req.request_id, None)
-                self.sender.forget(req.request_id)
-                self._first_pending.discard(req.request_id)
+                self._prefills.pop(rid, None)
+                sender.unclaimed(rid)
+                self._first_pending.discard(rid)
                 return self._refused(full)
             self.num_requests_total += 1
             result = await asyncio.shield(fut)
-        except BaseException:
-            self._prefills.pop(req.request_id, None)
-            self.sender.forget(req.request_id)
-            self._first_pending.discard(req.request_id)
-            await self._abort_local([req.request_id])
+        except BaseException:  # aborted, or the caller left: nobody will see a handoff
+            self._prefills.pop(rid, None)
+            sender.unclaimed(rid)
+            self._first_pending.discard(rid)
+            await self.engine_thread.call(lambda e: e.abort(rid))
             raise
         if result.handoff is None:
-            self.sender.forget(req.request_id)
+            sender.unclaimed(rid)
         return result
 
-    async def release(self, request_id: str) -> bool:
-        """The receiver has pulled the KV (or gave up): free the held blocks now."""
-        return await self.sender.release(request_id)
+    def peer(self, handle, name: str) -> RayPeer:
+        """Another worker, as this worker's handoff calls it."""
+        return RayPeer(handle, name, self.self_handle, self.options.liveness_interval_s * 4)
+
+    async def confirm(self, request_id: str) -> bool:
+        """The receiver has pulled the KV (or gave up): release the held blocks now."""
+        return await self.handoff.sender.release(request_id, "confirmed")
 
     async def serve_kv(self, receiver: str, block_ids: list[int], key: int, timeout_s: float) -> None:
         """The sender's step of a two-sided transport, for blocks held for `receiver`."""
-        await self.sender.serve(receiver, block_ids, key, timeout_s)
+        await self.handoff.sender.serve(receiver, block_ids, key, timeout_s)
 
     async def decode(self, handoff: KVHandoff, prefill_handle=None, reply_to: str = "") -> DecodeStarted | Refused:
         """Reserve blocks, pull the KV from the prefill worker, confirm so it frees them, continue decoding;
@@ -355,8 +359,9 @@ class Worker(MigrationMixin):
         reserved) and at the bound it is `Refused`, and the prefill worker may free its blocks."""
         self._admit_check()
         self.outboxes.register(handoff.request.request_id, reply_to)
+        sender = self.peer(prefill_handle, handoff.prefill_worker) if prefill_handle is not None else None
         try:
-            started = await self.receiver.import_handoff(handoff, prefill_handle)
+            started = await self.handoff.receiver.import_handoff(handoff, sender)
         except BaseException:
             self.outboxes.forget(handoff.request.request_id)
             raise
@@ -369,25 +374,40 @@ class Worker(MigrationMixin):
     async def ping(self) -> bool:
         return True
 
+    # ---- live migration (worker.migrations) ---------------------------------------------------------
+    def find(self, request_id: str) -> list[str]:
+        """Engine request ids here that belong to the API request `request_id` (its choices, retries)."""
+        n = len(request_id) + 1
+        return [
+            rid for rid in self.engine.requests
+            if rid == request_id or (rid[:n] == request_id + "-" and rid[n:].split(".")[0].isdigit())
+        ]  # fmt: skip
+
+    async def migratable(self) -> list[tuple[str, int]]:
+        return await self.migrations.migratable()
+
+    async def migrate(self, request_id: str, target: str, target_handle, reason: str, mode: str = "multi_stage"):
+        return await self.migrations.migrate(request_id, target, target_handle, reason, mode)
+
+    async def migrate_stage(self, stage: MigrationStage, source_handle) -> StageResult:
+        return await self.migrations.stage(stage, source_handle)
+
+    async def migrate_finish(self, final: MigrationFinal, source_handle) -> StageResult:
+        return await self.migrations.finish(final, source_handle)
+
+    async def migrate_drop(self, migration_id: str) -> None:
+        await self.migrations.drop(migration_id)
+
     async def abort(self, request_ids: list[str]) -> None:
-        """Cancel requests in any state here (or where they migrated to); blocks a transfer is still
-        writing or reading are freed after it ends: an import's once its pull ends, a prefill's held blocks
-        when the receiver confirms (it may be reading them now) or the lease ends."""
-        rest = []  # all but the held prefills, which their lease frees
+        """Cancel requests in any state here (or where they migrated to); the handoff frees blocks a
+        transfer is still reading or writing once it ends (see `Handoff.abort`)."""
         for rid in request_ids:
             fut = self._prefills.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.cancel()
             self._first_pending.discard(rid)
             self.outboxes.forget(rid)
-            if not self.sender.is_held(rid):
-                self.sender.forget(rid)
-                rest.append(rid)
-        now = self.receiver.defer_abort(self.migrator.defer_abort(self.sender.follow_aborts(rest)))
-        await self._abort_local(now)
-
-    async def _abort_local(self, request_ids: list[str]) -> None:
-        await self.loop.call(lambda e: [e.abort(rid) for rid in request_ids])
+        await self.handoff.abort(request_ids)
 
     # ---- background -------------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
@@ -404,8 +424,7 @@ class Worker(MigrationMixin):
             check = now - last_check > self.options.liveness_interval_s
             if check:
                 last_check = now
-            await self.sender.check(now, check)
-            await self.receiver.expire(2 * self.migration.stage_timeout_s, check_sources=check)
+            await self.handoff.check(now, check)
 
 
 def _layout(engine: LLMEngine) -> KVLayout:

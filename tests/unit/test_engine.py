@@ -87,14 +87,14 @@ def test_prefill_export_import_decode_continues_exactly(params):
     while not deltas:
         deltas = src.step()
     (first,) = deltas
-    assert first.kv_held and not first.finished and len(first.new_token_ids) == 1
+    assert first.held and not first.finished and len(first.new_token_ids) == 1
     assert not src.has_unfinished()
-    record, src_blocks = src.export_request("r")
-    reservation = dst.import_request(record)
+    record, src_blocks = src.handoff.export_request("r")
+    reservation = dst.handoff.import_request(record)
     n = reservation.num_cached_blocks
     dst.kv_cache[reservation.block_ids[n:]] = src.kv_cache[src_blocks[n:]]
-    dst.finish_import("r")
-    src.release("r")
+    dst.handoff.finish_import("r")
+    src.handoff.release("r")
     src.blocks.check_no_leak()
     rest = run_to_end(dst, ["r"])["r"]
     assert first.new_token_ids + rest == expected
@@ -111,11 +111,11 @@ def test_live_migration_of_a_decoding_request():
     while len(got) < 10:
         for d in src.step():
             got += d.new_token_ids
-    record, blocks = src.export_request("m")
-    res = dst.import_request(record)
+    record, blocks = src.handoff.export_request("m")
+    res = dst.handoff.import_request(record)
     dst.kv_cache[res.block_ids] = src.kv_cache[blocks]
-    dst.finish_import("m")
-    src.release("m")
+    dst.handoff.finish_import("m")
+    src.handoff.release("m")
     got += run_to_end(dst, ["m"])["m"]
     assert got == expected
     src.blocks.check_no_leak()
@@ -130,11 +130,11 @@ def test_import_reuses_the_receivers_prefix_cache():
     src.add_request("r", p + [2, 3], GREEDY, role="prefill")
     while not src.step():
         pass
-    record, _ = src.export_request("r")
-    res = dst.import_request(record)
+    record, _ = src.handoff.export_request("r")
+    res = dst.handoff.import_request(record)
     assert res.num_cached_blocks == 4
     dst.abort("r")
-    src.release("r")
+    src.handoff.release("r")
     dst.blocks.check_no_leak()
     src.blocks.check_no_leak()
 
@@ -144,16 +144,16 @@ def test_import_rejects_a_mismatched_peer_and_reports_full_cache():
     src.add_request("r", prompt(20), GREEDY, role="prefill")
     while not src.step():
         pass
-    record, _ = src.export_request("r")
+    record, _ = src.handoff.export_request("r")
     with pytest.raises(ValueError, match="block_size"):
-        LLMEngine(_cfg(block_size=32)).import_request(record)
+        LLMEngine(_cfg(block_size=32)).handoff.import_request(record)
     with pytest.raises(OutOfKVBlocks):
         tiny = LLMEngine(_cfg(num_kv_blocks=3))
         tiny.add_request("x", prompt(30, 5), SamplingParams(max_tokens=4), role="prefill")
         while not tiny.step():
             pass
-        tiny.import_request(record)
-    src.release("r")
+        tiny.handoff.import_request(record)
+    src.handoff.release("r")
     src.blocks.check_no_leak()
 
 

@@ -179,15 +179,15 @@ def reference(prompt: tuple[int, ...], params: SamplingParams) -> tuple[list[int
 # ---- the driver -----------------------------------------------------------------------------------
 def move(src: LLMEngine, dst: LLMEngine, rid: str) -> bool:
     """Export `rid` from src into dst (the P/D and migration handoff); False if dst has no room yet."""
-    record, src_blocks = src.export_request(rid)
+    record, src_blocks = src.handoff.export_request(rid)
     try:
-        res = dst.import_request(record)
+        res = dst.handoff.import_request(record)
     except OutOfKVBlocks:
         return False  # stays held on src; retried next step
     n = res.num_cached_blocks
     dst.kv_cache[res.block_ids[n:]] = src.kv_cache[src_blocks[n:]]
-    dst.finish_import(rid)
-    src.release(rid)
+    dst.handoff.finish_import(rid)
+    src.handoff.release(rid)
     return True
 
 
@@ -220,7 +220,7 @@ def run(s: Scenario, a: LLMEngine, b: LLMEngine) -> tuple[dict[str, list[int]], 
                 if d.finished:
                     reasons[rid] = d.finish_reason
                     due.pop(rid, None)
-                elif d.kv_held or (r.role == "migrate" and eng is a and len(got[rid]) == r.migrate_after):
+                elif d.held or (r.role == "migrate" and eng is a and len(got[rid]) == r.migrate_after):
                     due[rid] = step + r.handoff_delay
         for rid in [rid for rid, at in due.items() if at <= step]:
             if move(a, b, rid):
@@ -285,9 +285,9 @@ def test_import_counts_the_free_cached_blocks_it_reuses():
         first[rid] = deltas[0].new_token_ids
         if rid == "x":
             assert move(src, dst, "x")  # holds 2 of dst's 4 blocks; the cached block is one of the 2 free
-    record, _ = src.export_request("y")  # 3 blocks: the cached one and 2 new
+    record, _ = src.handoff.export_request("y")  # 3 blocks: the cached one and 2 new
     with pytest.raises(OutOfKVBlocks):
-        dst.import_request(record)
+        dst.handoff.import_request(record)
     dst.abort("x")
     dst.blocks.check_no_leak()
     assert move(src, dst, "y")

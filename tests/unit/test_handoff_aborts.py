@@ -23,7 +23,7 @@ def make(name: str, role: str) -> tuple[Worker, Handle]:
 
 
 async def refs(w: Worker, block_ids: list[int]) -> list[int]:
-    return await w.loop.call(lambda e: [e.blocks.blocks[b].ref_cnt for b in block_ids])
+    return await w.engine_thread.call(lambda e: [e.blocks.blocks[b].ref_cnt for b in block_ids])
 
 
 @pytest.mark.parametrize("leave", ["before_the_pull", "during_the_pull", "not_at_all"])
@@ -32,7 +32,7 @@ def test_a_client_leaving_during_the_handoff_frees_nothing_a_transfer_uses(leave
         (p, hp), (d, hd) = make("p0", "prefill"), make("d0", "decode")
         p.add_peers([d.peer_info()])
         d.add_peers([p.peer_info()])
-        seen, real_pull, pulling = [], d.receiver.transport.pull, asyncio.Event()
+        seen, real_pull, pulling = [], d.transport.pull, asyncio.Event()
 
         async def checked_pull(peer, src, dst, timeout_s, key=0):
             pulling.set()
@@ -40,7 +40,7 @@ def test_a_client_leaving_during_the_handoff_frees_nothing_a_transfer_uses(leave
             seen.append((await refs(p, src), await refs(d, dst)))
             await real_pull(peer, src, dst, timeout_s=timeout_s, key=key)
 
-        d.receiver.transport.pull = checked_pull
+        d.transport.pull = checked_pull
         ids = prompt(100)
         req = EngineRequest(request_id="a", prompt_token_ids=ids, params=GREEDY, reply_to=CONSUMER)
         try:

@@ -47,7 +47,7 @@ def make_worker(name: str, num_kv_blocks: int = 256, **migration) -> tuple[Worke
     cfg = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_batched_tokens=256)
     w = Worker(name, "decode", cfg, WorkerConfig(), "local", migration=MigrationConfig(**migration))
     h = Handle(w)
-    w.migrator.self_handle = h
+    w.self_handle = h
     return w, h
 
 
@@ -106,7 +106,7 @@ async def leak_free(*workers: Worker) -> None:
             await asyncio.sleep(0.02)
         assert await w.leak_report() is None, w.worker_id
         assert not w.engine.requests, (w.worker_id, list(w.engine.requests))
-        assert not w.receiver.num_staging
+        assert not w.handoff.receiver.num_staging
 
 
 async def wait_tokens(w: Worker, rid: str, n: int) -> None:
@@ -277,7 +277,7 @@ def test_source_dies_mid_migration_and_the_target_drops_what_it_staged():
         hb.hooks["migrate_finish"] = after_stage
         task = asyncio.ensure_future(a.migrate(rid, b.worker_id, hb, "operator"))
         await staged.wait()
-        assert b.receiver.num_staging == 1 and await b.leak_report() is not None
+        assert b.handoff.receiver.num_staging == 1 and await b.leak_report() is not None
         task.cancel()
         await a.shutdown()
         await leak_free(b)  # expired after 2 x stage_timeout_s without a word from the source
@@ -418,11 +418,11 @@ def test_a_stage_dropped_while_it_waits_frees_what_it_staged():
             await admitted
             collector = asyncio.ensure_future(collect([a, b], rid))
             await wait_tokens(a, rid, 5)
-            b.receiver.stall_s = 0.3
+            b.handoff.receiver.stall_s = 0.3
             task = asyncio.ensure_future(a.migrate(rid, b.worker_id, hb, "operator"))
-            while not b.receiver.num_staging:
+            while not b.handoff.receiver.num_staging:
                 await asyncio.sleep(0.01)
-            await b.migrate_drop(next(iter(b.receiver.describe())))
+            await b.migrate_drop(next(iter(b.handoff.receiver.describe())))
             rec = await task
             assert rec.outcome == "failed" and "dropped" in rec.error, rec
             assert tokens_of(await collector) == expected

@@ -33,7 +33,7 @@ def test_reports_continue_while_the_engine_is_in_a_long_step():
         try:
             w.set_controller(controller)
             await asyncio.sleep(0.3)
-            w.loop.submit(lambda e: time.sleep(1.5))  # the engine thread is stuck in one long step
+            w.engine_thread.submit(lambda e: time.sleep(1.5))  # the engine thread is stuck in one long step
             t0 = time.monotonic()
             await asyncio.sleep(1.5)
             during = [t for t in controller.reports if t0 + 0.1 < t < t0 + 1.4]

@@ -54,11 +54,11 @@ def test_engine_deltas_are_indexed_from_zero_and_consecutive():
     eng.add_request("b", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     for _ in range(3):
         eng.step()
-    record, _ = eng.export_request("b")
-    eng.release("b")
+    record, _ = eng.handoff.export_request("b")
+    eng.handoff.release("b")
     n = len(record.output_token_ids)
     dst = LLM(num_kv_blocks=64).engine
-    dst.import_request(record)
-    dst.finish_import("b")  # no KV copied: only the indices are checked here
+    dst.handoff.import_request(record)
+    dst.handoff.finish_import("b")  # no KV copied: only the indices are checked here
     first = next(x for x in dst.step() if x.request_id == "b")
     assert first.index == n

@@ -15,6 +15,7 @@ from pdserve.cluster.routing import RouteBatcher
 from pdserve.config import ServeConfig
 from pdserve.controller import frontends as frontends_mod
 from pdserve.controller.frontends import Frontends
+from pdserve.controller.registry import FrontendRecord, Registry
 from pdserve.protocol import RouteRequest
 
 
@@ -57,11 +58,11 @@ def test_a_frontend_that_answers_no_ping_is_killed_and_dropped(monkeypatch):
     config = ServeConfig(failure={"frontend_timeout_s": 0.3})
 
     async def scenario():
-        fe = Frontends(config, spawn=asyncio.ensure_future, failed=lambda why: None)
+        fe = Frontends(config, Registry({}), spawn=asyncio.ensure_future, failed=lambda why: None)
         healthy = Actor(pid=Method(lambda: 42), wait_closed=Method())
         hung = Actor(pid=Method(), wait_closed=Method())
         for i, handle in enumerate((healthy, hung)):
-            fe.frontends[i] = {"handle": handle, "url": f"u{i}", "state": "ready", "pid": i}
+            fe.registry.add_frontend(FrontendRecord(i, handle, f"u{i}", "ready", i))
         watches = [asyncio.ensure_future(fe._watch(i, h)) for i, h in enumerate((healthy, hung))]
         start = time.monotonic()
         await asyncio.wait_for(watches[1], 5)

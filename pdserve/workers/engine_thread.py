@@ -1,11 +1,11 @@
 """Runs one LLMEngine on its own thread; other threads (an asyncio loop) talk to it by commands.
 
 The engine is single-threaded: every call into it (add, abort, export, import, stats) is a command run
-on the engine thread between steps. After each step the loop hands all of that step's deltas to
+on the engine thread between steps. After each step the thread hands all of that step's deltas to
 `on_outputs` in one call (on the engine thread), so consumers batch per step, not per token. A command
 submitted `after_step` runs right after the next step instead (at once when the engine is idle): a load
 report taken there sees the batch as the scheduler formed it, so "waiting" means found no slot.
-If the engine raises, the loop logs the traceback, fails every queued and later command with
+If the engine raises, the thread logs the traceback, fails every queued and later command with
 `ServiceUnavailable`, and calls `on_error` once (on the engine thread): the owner must stop serving.
 """
 
@@ -25,7 +25,7 @@ from pdserve.protocol import TokenDelta
 log = logging.getLogger(__name__)
 
 
-class EngineLoop:
+class EngineThread:
     def __init__(
         self,
         engine: LLMEngine,
@@ -104,7 +104,7 @@ class EngineLoop:
 
     def _stopped_error(self) -> ServiceUnavailable:
         if self.error is None:
-            return ServiceUnavailable(f"{self.name}: engine loop is stopped")
+            return ServiceUnavailable(f"{self.name}: the engine thread is stopped")
         return ServiceUnavailable(f"{self.name}: the engine failed: {type(self.error).__name__}: {self.error}")
 
 

@@ -17,6 +17,16 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pdserve.policy_options import POLICY_OPTIONS, PolicyOptions
 
 ROLES = ("prefill", "decode", "colocated")
+# "decode-capable" (resp. "prefill-capable"): a role that can decode (prefill), colocated included; the word
+# "decode" alone means the decode role
+DECODE_CAPABLE = ("decode", "colocated")
+PREFILL_CAPABLE = ("prefill", "colocated")
+
+
+def decode_capable(role: str) -> bool:
+    return role in DECODE_CAPABLE
+
+
 POLICY_NAMES = tuple(POLICY_OPTIONS)
 
 

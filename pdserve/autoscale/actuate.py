@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 
-from pdserve.autoscale.policy import Decision, PolicyState, RemovalCandidate, decide, pick_removal
+from pdserve.autoscale.policy import PolicyState, ScaleDecision, decide
+from pdserve.autoscale.removal import pick_removal, removal_candidates
 from pdserve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,7 @@ BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
 
 
 class Autoscaler:
-    def __init__(self, config: ServeConfig, registry, router, lifecycle, metrics, observer, serve_http=True) -> None:
-        self.serve_http = serve_http
+    def __init__(self, config: ServeConfig, registry, router, lifecycle, metrics, observer) -> None:
         self.config, self.cfg = config, config.autoscaling
         self.registry, self.router, self.lifecycle, self.metrics = registry, router, lifecycle, metrics
         self.observer = observer
@@ -52,7 +52,7 @@ class Autoscaler:
             except Exception:  # the loop must survive anything one pass does
                 log.exception("autoscaler pass failed")
 
-    async def step(self, now: float) -> Decision | None:
+    async def step(self, now: float) -> ScaleDecision | None:
         if now < self._not_before:
             return None  # backing off after a failure
         if not self.settled():  # the last action is still taking effect (a start the lifecycle retries)
@@ -94,13 +94,13 @@ class Autoscaler:
                                                   "error": error, "retry_in_s": delay}]  # fmt: skip
         log.warning("autoscaler: %s failed (%s); next decision in %.0f s", what, error, delay)
 
-    async def act(self, d: Decision) -> None:
+    async def act(self, d: ScaleDecision) -> None:
         if d.action == "scale_out":
             before = dict(self.registry.targets)
             self.registry.set_targets(**d.targets)
             try:
                 self.lifecycle.publish_targets()
-                self.lifecycle.reconcile(self.serve_http)
+                self.lifecycle.reconcile()
             except Exception:  # back to what was there: the retry raises them again
                 self.registry.set_targets(**before)
                 self.lifecycle.publish_targets()
@@ -114,17 +114,12 @@ class Autoscaler:
             await self.lifecycle.remove(self._leaver(frm))  # its GPU is free once it has drained and stopped
             self.registry.set_targets(**{to: self.registry.targets[to] + 1})
             self.lifecycle.publish_targets()
-            self.lifecycle.reconcile(self.serve_http)
+            self.lifecycle.reconcile()
 
     def _leaver(self, role: str) -> str:
-        candidates = [
-            RemovalCandidate(
-                r.worker_id, getattr(r.stats, "num_running", 0), self.router.index.unique_blocks(r.worker_id)
-            )
-            for r in self.registry.workers.values()
-            if r.role == role and r.state == "ready"
-        ]
-        chosen = pick_removal(candidates)
+        """The ready worker of `role` that leaves first, by the removal order the lifecycle's plan uses."""
+        ready = [r for r in self.registry.workers.values() if r.role == role and r.state == "ready"]
+        chosen = pick_removal(removal_candidates(ready, self.router.index.unique_blocks))
         if chosen is None:
             raise RuntimeError(f"no ready {role} worker to remove")
         return chosen

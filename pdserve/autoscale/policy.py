@@ -55,7 +55,7 @@ class Signals:
 
 
 @dataclass(frozen=True)
-class Decision:
+class ScaleDecision:
     action: str  # hold | scale_out | scale_in | flip
     reason: str
     targets: dict[str, int]  # pool sizes after the action (prefill, decode, colocated), starting workers included
@@ -75,24 +75,24 @@ def demand(s: Signals, cfg: AutoscalingConfig) -> tuple[dict[str, int], list[str
     if s.decode_tokens_per_s is None and s.prefill_tokens_queued is None and s.prompt_tokens_per_s is None:
         return None
     why = []
-    decoders, prefillers = s.decode + s.colocated, s.prefill + s.colocated
+    decode_capable, prefill_capable = s.decode + s.colocated, s.prefill + s.colocated  # workers
     tokens = s.decode_tokens_per_s or 0.0
     d = math.ceil(tokens / cfg.decode_tokens_per_worker)
     if s.kv_usage is not None and s.kv_usage > cfg.kv_usage_high:
-        d, _ = max(d, decoders + 1), why.append("kv_usage")
-    decode_load = max(tokens / cfg.decode_tokens_per_worker, (s.kv_usage or 0.0) / cfg.kv_usage_high * decoders)
-    if _latency_rule(s.tpot_attainment, decode_load, decoders, cfg):
-        d, _ = max(d, decoders + 1), why.append("tpot_attainment")
+        d, _ = max(d, decode_capable + 1), why.append("kv_usage")
+    decode_load = max(tokens / cfg.decode_tokens_per_worker, (s.kv_usage or 0.0) / cfg.kv_usage_high * decode_capable)
+    if _latency_rule(s.tpot_attainment, decode_load, decode_capable, cfg):
+        d, _ = max(d, decode_capable + 1), why.append("tpot_attainment")
     queued = s.prefill_tokens_queued or 0.0
     if cfg.prefill_tokens_per_s_per_worker and s.prompt_tokens_per_s is not None:
         per_s, drain = cfg.prefill_tokens_per_s_per_worker, cfg.prefill_queue_drain_s
-        excess = max(0.0, queued - prefillers * per_s * drain)  # more than the ready workers clear in time
+        excess = max(0.0, queued - prefill_capable * per_s * drain)  # more than the ready workers clear in time
         prefill_load = (s.prompt_tokens_per_s + excess / drain) / per_s
     else:
         prefill_load = queued / cfg.prefill_tokens_per_worker
     p = math.ceil(prefill_load)
-    if _latency_rule(s.ttft_attainment, prefill_load, prefillers, cfg):
-        p, _ = max(p, prefillers + 1), why.append("ttft_attainment")
+    if _latency_rule(s.ttft_attainment, prefill_load, prefill_capable, cfg):
+        p, _ = max(p, prefill_capable + 1), why.append("ttft_attainment")
     return {"prefill": p, "decode": max(d, 1)}, why
 
 
@@ -120,11 +120,11 @@ def _targets(want: dict[str, int], current: dict[str, int], cfg: AutoscalingConf
     return {"prefill": max(p, 0), "decode": d, "colocated": c}
 
 
-def decide(s: Signals, state: PolicyState, cfg: AutoscalingConfig, now: float) -> Decision:
+def decide(s: Signals, state: PolicyState, cfg: AutoscalingConfig, now: float) -> ScaleDecision:
     current = s.totals()  # a starting worker counts: scale-out is not repeated while it boots
     found = demand(s, cfg)
     if found is None:
-        return Decision("hold", "no_data", current, {})
+        return ScaleDecision("hold", "no_data", current, {})
     want, why = found
     state.history = [(t, w) for t, w in state.history if now - t <= cfg.scale_in_window_s] + [(now, want)]
     state.started_at = now if state.started_at is None else state.started_at
@@ -134,14 +134,14 @@ def decide(s: Signals, state: PolicyState, cfg: AutoscalingConfig, now: float) -
     covered = now - state.started_at >= cfg.scale_in_window_s
     desired = dict(now_targets)
     if now - state.last_action_at < cfg.cooldown_s:
-        return Decision("hold", "cooldown", current, desired)
+        return ScaleDecision("hold", "cooldown", current, desired)
     short = [r for r in current if now_targets[r] > current[r]]
     slack = [r for r in current if covered and window_targets[r] < current[r]]
     if cfg.flip_roles and short and slack and {short[0], slack[0]} == {"prefill", "decode"}:
         to, frm = short[0], slack[0]
         targets = {**current, to: current[to] + 1, frm: current[frm] - 1}
         state.last_action_at = now
-        return Decision("flip", f"{to}_short_{frm}_slack", targets, desired, flip=(frm, to))
+        return ScaleDecision("flip", f"{to}_short_{frm}_slack", targets, desired, flip=(frm, to))
     if short:
         targets = {r: max(current[r], now_targets[r]) for r in current}
         if cfg.max_workers:  # within the GPU budget, the first short pool first
@@ -150,32 +150,12 @@ def decide(s: Signals, state: PolicyState, cfg: AutoscalingConfig, now: float) -
                 targets[r] = current[r] + max(0, min(targets[r] - current[r], room))
                 room -= targets[r] - current[r]
             if targets == current:
-                return Decision("hold", "max_workers", current, desired)
+                return ScaleDecision("hold", "max_workers", current, desired)
         state.last_action_at = now
-        return Decision("scale_out", "+".join(why) or "demand", targets, desired)
+        return ScaleDecision("scale_out", "+".join(why) or "demand", targets, desired)
     if slack:  # the pool with the most slack, towards the window's demand
         role = max(slack, key=lambda r: current[r] - window_targets[r])
         n = max(window_targets[role], current[role] - cfg.scale_in_max_workers)
         state.last_action_at = now
-        return Decision("scale_in", "demand_fell", {**current, role: n}, desired)
-    return Decision("hold", "at_target", current, desired)
-
-
-@dataclass(frozen=True)
-class RemovalCandidate:
-    worker_id: str
-    running: int
-    unique_cached_blocks: int  # blocks of the global prefix index that only this worker holds
-
-
-def pick_removal(candidates: list[RemovalCandidate]) -> str | None:
-    """The worker whose removal loses the least: fewest running requests, then fewest prefixes cached
-    nowhere else, then the highest id (the newest)."""
-    if not candidates:
-        return None
-    return min(candidates, key=lambda c: (c.running, c.unique_cached_blocks, _neg(c.worker_id))).worker_id
-
-
-def _neg(worker_id: str):
-    tail = worker_id.rsplit("-", 1)[-1]
-    return -int(tail) if tail.isdigit() else 0
+        return ScaleDecision("scale_in", "demand_fell", {**current, role: n}, desired)
+    return ScaleDecision("hold", "at_target", current, desired)

@@ -23,7 +23,7 @@ import ray
 from pdserve.cluster.membership import Membership, last_line
 from pdserve.cluster.routing import RouteBatcher
 from pdserve.cluster.stream import StreamGap, TokenStream
-from pdserve.config import ServeConfig
+from pdserve.config import DECODE_CAPABLE, PREFILL_CAPABLE, ServeConfig
 from pdserve.engine_client import Overloaded, ServiceUnavailable, WorkerDraining, WorkerFailed
 from pdserve.hashing import block_hashes, root_hash
 from pdserve.model_info import ModelInfo, load_model_info
@@ -274,7 +274,7 @@ class ClusterClient:
     async def check_ready(self) -> None:
         """Readiness: a prefill-capable and a decode-capable worker are ready (from membership; no calls)."""
         roles = self.members.ready_roles
-        if not ({"prefill", "colocated"} & roles and {"decode", "colocated"} & roles):
+        if not (roles.intersection(PREFILL_CAPABLE) and roles.intersection(DECODE_CAPABLE)):
             raise ServiceUnavailable(f"no ready prefill-capable and decode-capable workers (ready: {sorted(roles)})")
 
     async def stats(self) -> dict:

@@ -1,5 +1,6 @@
-"""The controller: a detached, named Ray actor that owns one deployment: its config, the worker registry,
-the router (so membership and routing never disagree), the frontends, and the lifecycle (add, drain, replace).
+"""The controller: a detached, named Ray actor that owns one deployment: its config, the registry (the only
+writer of membership), the router (its views a projection of the registry, so membership and routing never
+disagree), and the lifecycle (a pure plan, carried out by an executor: add, drain, replace, frontends).
 
 Health: a worker's report is its heartbeat; a worker whose reports stop for `failure.worker_timeout_s`, or
 whose actor dies (a pending `wait_closed` call fails), is dead whatever its role: it leaves the router and
@@ -38,6 +39,8 @@ class Controller:
         self.serve_http = serve_http
         self.registry = Registry({role: self.config.pools.size(role) for role in ROLES})
         self.router = Router(RouterConfig.of(self.config))
+        self.registry.listen(self.router.project)  # the router's membership and load: a projection
+        self.registry.on_version(self._notify)  # membership long-polls wake on a change
         self.metrics = ControllerMetrics(lambda: self.registry)
         self.metrics_port: int | None = None
         self.lifecycle: Lifecycle | None = None
@@ -62,7 +65,7 @@ class Controller:
         except OSError as e:  # the port is taken: the deployment still serves, without controller metrics
             log.error("controller metrics on port %s unavailable: %s", self.config.controller.metrics_port, e)
         me = ray.get_runtime_context().current_actor
-        self.lifecycle = Lifecycle(self.config, self.registry, self.router, self.metrics, me, self._notify)
+        self.lifecycle = Lifecycle(self.config, self.registry, self.router, self.metrics, me)
         await self.lifecycle.discover(self.serve_http)
         asyncio.ensure_future(self._monitor())
         if self.config.migration.rebalance:
@@ -79,9 +82,7 @@ class Controller:
             log.error("autoscaling.enabled needs autoscaling.prometheus_url (pdserve serve --autoscale starts one)")
             return
         observer = PrometheusObserver(url, self.config.autoscaling)
-        self.autoscaler = Autoscaler(
-            self.config, self.registry, self.router, self.lifecycle, self.metrics, observer, self.serve_http
-        )
+        self.autoscaler = Autoscaler(self.config, self.registry, self.router, self.lifecycle, self.metrics, observer)
         asyncio.ensure_future(self.autoscaler.run())
 
     def _notify(self) -> None:
@@ -100,7 +101,7 @@ class Controller:
                         self.lifecycle.mark_dead(rec.worker_id, "heartbeat_timeout")
                     elif rec.state == "dead" and now - rec.last_report > DEAD_RECORD_TTL_S:
                         self.registry.forget(rec.worker_id)
-                self.lifecycle.reconcile(self.serve_http)
+                self.lifecycle.reconcile()
             except Exception:  # the monitor must keep running
                 log.exception("controller monitor pass failed")
             await asyncio.sleep(self.config.controller.monitor_interval_s)
@@ -108,11 +109,9 @@ class Controller:
     # ---- data plane's control calls ---------------------------------------------------------------------
     async def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
         await self._ready()
-        rec = self.registry.workers.get(stats.worker_id)
-        if rec is None or rec.state == "dead":
+        if self.registry.report(stats) is None:  # unknown or dead
             return True
-        rec.last_report, rec.stats = time.monotonic(), stats
-        return self.router.report(stats, events)
+        return self.router.apply_events(stats.worker_id, events)
 
     async def resync(self, worker_id: str, epoch: str, seq: int, hashes: list[BlockHash]) -> None:
         await self._ready()
@@ -164,7 +163,7 @@ class Controller:
             "name": self.name,
             "workers": [r.row() for r in self.registry.workers.values()],
             "targets": dict(self.registry.targets),
-            "frontends": self.lifecycle.fronts.rows(),
+            "frontends": self.registry.frontend_rows(),
             "controller": {
                 "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
@@ -178,7 +177,7 @@ class Controller:
         """Wait until every target is met with ready workers (and the frontends serve); returns status."""
         await self._ready()
         deadline = time.monotonic() + timeout_s
-        while not self.lifecycle.at_target(self.serve_http):
+        while not self.lifecycle.at_target():
             failure = self.lifecycle.last_failure
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deployment {self.name!r} not ready within {timeout_s}s (last failure: {failure})")
@@ -189,8 +188,8 @@ class Controller:
         await self._ready()
         self.registry.set_targets(prefill=prefill, decode=decode, colocated=colocated)
         self.lifecycle.publish_targets()
-        self.lifecycle.reconcile(self.serve_http)
-        return dict(self.registry.targets)
+        self.lifecycle.reconcile()
+        return self.registry.targets
 
     async def drain(self, worker_id: str) -> None:
         """Remove one worker, draining it first; its role's target shrinks by one."""

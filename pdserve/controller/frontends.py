@@ -1,6 +1,6 @@
-"""The HTTP frontends' lifecycle, run inside the controller: start `frontend.frontends` frontend actors (frontend
-i on port + i), adopt running ones after a restart, and replace one that dies or hangs (answers no ping for
-`failure.frontend_timeout_s`: a stopped or wedged process that Ray still counts as alive)."""
+"""The HTTP frontends' executor, run inside the controller: start frontend i (on port + i) when the plan asks,
+adopt running ones after a restart, and drop one that dies or hangs (answers no ping for
+`failure.frontend_timeout_s`) so the next plan replaces it. Their records live in the registry."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 import ray
 
 from pdserve.config import NAMESPACE, ServeConfig, frontend_actor_name
+from pdserve.controller.registry import FrontendRecord, Registry
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +19,16 @@ RESTART_BACKOFF_S = 1.0
 
 
 class Frontends:
-    def __init__(self, config: ServeConfig, spawn: Callable, failed: Callable[[str], None]) -> None:
-        self.config = config
+    def __init__(self, config: ServeConfig, registry: Registry, spawn: Callable, failed: Callable[[str], None]) -> None:
+        self.config, self.registry = config, registry
         self.call_timeout_s = config.controller.call_timeout_s
         self._spawn = spawn
         self._failed = failed
-        self.frontends: dict[int, dict] = {}  # index -> {"handle", "url", "state", "pid"}
+
+    @property
+    def frontends(self):
+        """index -> FrontendRecord (read-only: the registry's)."""
+        return self.registry.frontends
 
     async def discover(self, actor_names: list[str]) -> None:
         for name in actor_names:
@@ -37,18 +42,10 @@ class Frontends:
             except Exception:  # a frontend that does not answer is replaced
                 ray.kill(handle)
                 continue
-            self.frontends[index] = {"handle": handle, "url": url, "state": "ready", "pid": pid}
+            self.registry.add_frontend(FrontendRecord(index, handle, url, "ready", pid))
             self._spawn(self._watch(index, handle))
 
-    def reconcile(self) -> None:
-        for i in range(self.config.frontend.frontends):
-            if i not in self.frontends:
-                self._start(i)
-
-    def all_ready(self) -> bool:
-        return all(self.frontends.get(i, {}).get("state") == "ready" for i in range(self.config.frontend.frontends))
-
-    def _start(self, index: int) -> None:
+    def start(self, index: int) -> None:
         from pdserve.cluster.frontend import FrontendActor
 
         handle = FrontendActor.options(
@@ -57,7 +54,7 @@ class Frontends:
             lifetime="detached",
             resources=dict(self.config.frontend.resources),
         ).remote(self.config.model_dump(mode="json"), index)
-        self.frontends[index] = {"handle": handle, "url": None, "state": "starting", "pid": 0}
+        self.registry.add_frontend(FrontendRecord(index, handle))
         self._spawn(self._run(index, handle))
 
     async def _run(self, index: int, handle) -> None:
@@ -72,9 +69,9 @@ class Frontends:
             except Exception:  # already gone
                 pass
             await asyncio.sleep(RESTART_BACKOFF_S)
-            self.frontends.pop(index, None)  # the next reconcile tries again
+            self.registry.forget_frontend(index, handle)  # the next plan tries again
             return
-        self.frontends[index] = {"handle": handle, "url": url, "state": "ready", "pid": pid}
+        self.registry.frontend_ready(index, handle, url, pid)
         await self._watch(index, handle)
 
     async def _watch(self, index: int, handle) -> None:
@@ -98,8 +95,7 @@ class Frontends:
                     await closed
         finally:
             closed.cancel()
-        if self.frontends.get(index, {}).get("handle") is handle:
-            self.frontends.pop(index, None)  # the next reconcile starts a replacement
+        self.registry.forget_frontend(index, handle)  # the next plan starts a replacement
 
     @staticmethod
     async def _closed(index: int, handle) -> None:
@@ -107,13 +103,3 @@ class Frontends:
             await handle.wait_closed.remote()
         except Exception:  # RayActorError: it died
             log.error("frontend %d died; starting a new one", index)
-
-    def rows(self) -> list[dict]:
-        rows = sorted(self.frontends.items())
-        return [{"index": i, "url": f["url"], "state": f["state"], "pid": f["pid"]} for i, f in rows]
-
-    def take_all(self) -> list:
-        """Every frontend's handle, forgotten here (for shutdown)."""
-        handles = [f["handle"] for f in self.frontends.values()]
-        self.frontends.clear()
-        return handles

@@ -7,14 +7,12 @@ import asyncio
 import logging
 import time
 
-from pdserve.config import ServeConfig
-from pdserve.controller.planner import Load, pick_target, plan_rebalance
+from pdserve.config import ServeConfig, decode_capable
+from pdserve.controller.planner import KVLoad, pick_target, plan_rebalance
 from pdserve.controller.registry import Registry
 from pdserve.protocol import MigrationRecord
 
 log = logging.getLogger(__name__)
-
-DECODERS = ("decode", "colocated")
 
 
 class Migrations:
@@ -26,14 +24,14 @@ class Migrations:
         self.history: list[MigrationRecord] = []  # the latest records (status, tests)
 
     # ---- loads ---------------------------------------------------------------------------------------
-    def loads(self, exclude: str | None = None) -> list[Load]:
+    def loads(self, exclude: str | None = None) -> list[KVLoad]:
         out = []
         for rec in self.registry.workers.values():
             s = rec.stats
-            if rec.state != "ready" or rec.role not in DECODERS or s is None or rec.worker_id == exclude:
+            if rec.state != "ready" or not decode_capable(rec.role) or s is None or rec.worker_id == exclude:
                 continue
             queued = -(-s.num_prefill_tokens_queued // self.block_size)
-            out.append(Load(rec.worker_id, s.num_free_blocks, s.num_running, queued))
+            out.append(KVLoad(rec.worker_id, s.num_free_blocks, s.num_running, queued))
         return out
 
     def target_for(self, source: str, blocks: int):
@@ -55,8 +53,8 @@ class Migrations:
                 return rec
             target = found[0]
         dst = self.registry.workers.get(target)
-        if dst is None or dst.state != "ready" or dst.role not in DECODERS or target == source:
-            raise ValueError(f"target_worker {target!r} is not another ready decode or colocated worker")
+        if dst is None or dst.state != "ready" or not decode_capable(dst.role) or target == source:
+            raise ValueError(f"target_worker {target!r} is not another ready decode-capable worker")
         self._busy[source] = self._busy[target] = float("inf")
         try:
             rec = await src.handle.migrate.remote(request_id, target, dst.handle, reason)
@@ -79,14 +77,14 @@ class Migrations:
         """Move every engine request of the API request `request_id` (its choices) to `target` or the best."""
         found = []
         for rec in list(self.registry.workers.values()):
-            if rec.state in ("ready", "draining") and rec.role in DECODERS:
+            if rec.state in ("ready", "draining") and decode_capable(rec.role):
                 try:
                     rids = await asyncio.wait_for(rec.handle.find.remote(request_id), self.call_timeout_s)
                 except Exception:  # a dead worker holds nothing we can move
                     continue
                 found += [(rid, rec.worker_id) for rid in rids]
         if not found:
-            raise KeyError(f"request_id {request_id!r} is not running on any decode or colocated worker")
+            raise KeyError(f"request_id {request_id!r} is not running on any decode-capable worker")
         return list(await asyncio.gather(*(self.migrate(rid, src, target, "operator") for rid, src in found)))
 
     # ---- the rebalancer ---------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ class Migrations:
         loads = [w for w in self.loads() if now - self._busy.get(w.worker_id, 0.0) > settle]
         if len(loads) < 2:
             return None
-        worst = min(loads, key=Load.freeness)
+        worst = min(loads, key=KVLoad.freeness)
         if max(w.freeness() for w in loads) - worst.freeness() <= self.config.migration.rebalance_threshold:
             return None
         handle = self.registry.workers[worst.worker_id].handle

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Load:
+class KVLoad:
+    """A decode-capable worker's KV load, from its last report."""
+
     worker_id: str
     num_free_blocks: int
     num_running: int
@@ -17,18 +19,18 @@ class Load:
         """Free KV blocks per running request, queued demand counted as used (higher = less loaded)."""
         return (self.num_free_blocks - self.queued_blocks) / max(1, self.num_running)
 
-    def moved(self, blocks: int, out: bool) -> Load:
+    def moved(self, blocks: int, out: bool) -> KVLoad:
         sign = 1 if out else -1
-        return Load(self.worker_id, self.num_free_blocks + sign * blocks, self.num_running - sign, self.queued_blocks)
+        return KVLoad(self.worker_id, self.num_free_blocks + sign * blocks, self.num_running - sign, self.queued_blocks)
 
 
-def pick_target(loads: list[Load], source: str, blocks: int, margin: int = 2) -> str | None:
+def pick_target(loads: list[KVLoad], source: str, blocks: int, margin: int = 2) -> str | None:
     """The least loaded worker other than `source` with room for `blocks` (+ margin); None if none has."""
     fits = [w for w in loads if w.worker_id != source and w.num_free_blocks - w.queued_blocks >= blocks + margin]
-    return max(fits, key=Load.freeness).worker_id if fits else None
+    return max(fits, key=KVLoad.freeness).worker_id if fits else None
 
 
-def plan_rebalance(loads: list[Load], candidates: dict[str, list[tuple[str, int]]], threshold: float):
+def plan_rebalance(loads: list[KVLoad], candidates: dict[str, list[tuple[str, int]]], threshold: float):
     """One move `(request_id, source, target)` or None.
 
     The most loaded worker (lowest freeness) gives a request to the least loaded when their freeness differs
@@ -37,8 +39,8 @@ def plan_rebalance(loads: list[Load], candidates: dict[str, list[tuple[str, int]
     """
     if len(loads) < 2:
         return None
-    src = min(loads, key=Load.freeness)
-    dst = max(loads, key=Load.freeness)
+    src = min(loads, key=KVLoad.freeness)
+    dst = max(loads, key=KVLoad.freeness)
     gap = dst.freeness() - src.freeness()
     if src.worker_id == dst.worker_id or gap <= threshold:
         return None

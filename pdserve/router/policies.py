@@ -69,7 +69,9 @@ class Candidate:  # not frozen: the router builds one per worker per decision (1
 
 
 @dataclass(frozen=True)
-class Decision:
+class Pick:
+    """A policy's choice in one pool: the worker and why (the policy's reason, a metric label)."""
+
     worker_id: str
     reason: str
 
@@ -84,7 +86,7 @@ class RoutingPolicy(Protocol):
     Options: type[PolicyOptions]
     uses_block_size: bool
 
-    def pick(self, candidates: list[Candidate], request: RouteRequest, pool: str) -> Decision:
+    def pick(self, candidates: list[Candidate], request: RouteRequest, pool: str) -> Pick:
         """Choose one of the candidates (never empty) for `request` in `pool` ("prefill" or "decode")."""
 
 
@@ -120,9 +122,9 @@ class CostPolicy:
     def cost(self, c: Candidate, request: RouteRequest, pool: str) -> float:
         return self.worker_cost(c.worker, pool) + self.request_cost(c.cached_tokens, request, pool)
 
-    def pick(self, candidates, request, pool) -> Decision:
+    def pick(self, candidates, request, pool) -> Pick:
         best = min(candidates, key=lambda c: (self.cost(c, request, pool), self.tiebreak(c.worker, pool)))
-        return Decision(best.worker.worker_id, self.reason(best))
+        return Pick(best.worker.worker_id, self.reason(best))
 
 
 class RoundRobin:
@@ -134,11 +136,11 @@ class RoundRobin:
     def __init__(self, options: RoundRobinOptions | None = None) -> None:
         self._next: dict[str, int] = {}
 
-    def pick(self, candidates, request, pool) -> Decision:
+    def pick(self, candidates, request, pool) -> Pick:
         ordered = sorted(candidates, key=lambda c: c.worker.worker_id)
         i = self._next.get(pool, 0)
         self._next[pool] = i + 1
-        return Decision(ordered[i % len(ordered)].worker.worker_id, "round_robin")
+        return Pick(ordered[i % len(ordered)].worker.worker_id, "round_robin")
 
 
 class LeastLoaded(CostPolicy):
@@ -197,14 +199,14 @@ class PrefixAware(CostPolicy):
     def reason(self, chosen: Candidate) -> str:
         return "prefix_hit" if chosen.cached_tokens else "load"
 
-    def pick(self, candidates, request, pool) -> Decision:
+    def pick(self, candidates, request, pool) -> Pick:
         if self.temperature <= 0 or len(candidates) == 1:
             return super().pick(candidates, request, pool)
         costs = [self.cost(c, request, pool) for c in candidates]
         low = min(costs)
         weights = [math.exp(-(x - low) / self.temperature) for x in costs]
         chosen = self._rng.choices(candidates, weights=weights)[0]
-        return Decision(chosen.worker.worker_id, self.reason(chosen))
+        return Pick(chosen.worker.worker_id, self.reason(chosen))
 
 
 class SGLangCacheAware:
@@ -221,14 +223,14 @@ class SGLangCacheAware:
         self.abs, self.rel = options.balance_abs_threshold, options.balance_rel_threshold
         self.threshold = options.cache_threshold
 
-    def pick(self, candidates, request, pool) -> Decision:
+    def pick(self, candidates, request, pool) -> Pick:
         loads = [c.worker.load for c in candidates]
         if max(loads) - min(loads) > self.abs and max(loads) > self.rel * min(loads):
-            return Decision(_argmin(candidates, lambda c: c.worker.load).worker.worker_id, "imbalanced")
+            return Pick(_argmin(candidates, lambda c: c.worker.load).worker.worker_id, "imbalanced")
         best = max(candidates, key=lambda c: (c.cached_tokens, -c.worker.load))
         if best.cached_tokens / max(1, request.num_prompt_tokens) > self.threshold:
-            return Decision(best.worker.worker_id, "prefix_match")
-        return Decision(_argmin(candidates, lambda c: c.worker.num_cached_blocks).worker.worker_id, "smallest_cache")
+            return Pick(best.worker.worker_id, "prefix_match")
+        return Pick(_argmin(candidates, lambda c: c.worker.num_cached_blocks).worker.worker_id, "smallest_cache")
 
 
 class DynamoKVCost(CostPolicy):

@@ -2,16 +2,19 @@
 controller (`pdserve/controller/`) runs it, so membership and routing never disagree. Control plane only:
 it sees request sizes and block hashes, never tokens or KV.
 
-A decision is recorded at once (pending load, predicted cache entries) so a burst is spread before the
-next reports arrive; a report supersedes the load decisions made before it was taken.
+Membership and load are a projection of the controller's registry (`project`, fed by its change feed): a
+worker is routable while it is ready and its last report says alive. The router's own are its predictions:
+a decision is recorded at once (pending load, predicted cache entries) so a burst is spread before the
+next reports arrive, and a report supersedes the load decisions made before it was taken; and the index.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_right
+from typing import Protocol
 
-from pdserve.config import EngineConfig, RoutingConfig, ServeConfig
+from pdserve.config import EngineConfig, RoutingConfig, ServeConfig, decode_capable
 from pdserve.hashing import BlockHash
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
 from pdserve.router.policies import (
@@ -44,6 +47,15 @@ class RouterConfig(RoutingConfig):
         return cls(**config.routing.model_dump(), block_size=config.engine.block_size)
 
 
+class Member(Protocol):
+    """A registry record as the router reads it (`pdserve.controller.registry.WorkerRecord`)."""
+
+    worker_id: str
+    role: str
+    state: str
+    stats: WorkerStats | None
+
+
 class Router:
     def __init__(self, config: RouterConfig | None = None, policy: RoutingPolicy | None = None) -> None:
         self.config = config = config or RouterConfig()
@@ -55,10 +67,27 @@ class Router:
         # decision allocates no objects that outlive it (each would count toward the next GC pass)
         self._pending: dict[str, tuple[list[float], list[int], list[int]]] = {}
         self.decisions: dict[tuple[str, str], int] = {}  # (placement reason, policy reason) -> count
+        self._applied: dict[str, WorkerStats] = {}  # worker -> the report its view holds
 
     # ---- membership and reports ------------------------------------------------------------------
     def _pool(self, view: WorkerView) -> Pool:
-        return self.pools["prefill" if view.role == "prefill" else "decode"]
+        return self.pools["decode" if decode_capable(view.role) else "prefill"]  # decode: decode-capable
+
+    def project(self, member: Member) -> None:
+        """The registry's change feed, called with every new worker record: the one way membership and load
+        reach the router in the controller (the simulator and tests may call `register`/`report` directly)."""
+        worker_id, stats = member.worker_id, member.stats
+        if member.state != "ready" or (stats is not None and not stats.alive):
+            if worker_id in self.views:
+                self.remove(worker_id)
+            return
+        view = self.views.get(worker_id)
+        if view is None or view.role != member.role:
+            self.register(worker_id, member.role)
+            view = self.views[worker_id]
+        if stats is not None and self._applied.get(worker_id) is not stats:
+            self._load(view, stats)
+            self._pool(view).update(view)
 
     def register(self, worker_id: str, role: str) -> None:
         if worker_id in self.views:
@@ -72,6 +101,7 @@ class Router:
         if view is not None:
             self._pool(view).remove(worker_id)
         self._pending.pop(worker_id, None)
+        self._applied.pop(worker_id, None)
         self.index.remove_worker(worker_id)
 
     def report(self, stats: WorkerStats, events: KVEventBatch | None = None) -> bool:
@@ -82,6 +112,11 @@ class Router:
         if not stats.alive:
             self.remove(stats.worker_id)
             return True
+        self._load(view, stats)
+        return self.apply_events(stats.worker_id, events)
+
+    def _load(self, view: WorkerView, stats: WorkerStats) -> None:
+        self._applied[view.worker_id] = stats
         view.num_running, view.num_waiting = stats.num_running, stats.num_waiting
         if stats.time > view.refused_at:
             view.refused_at = 0.0
@@ -92,10 +127,16 @@ class Router:
         taken = bisect_right(times, stats.time)  # decided before the report was taken: in it already
         del times[:taken], tokens[:taken], blocks[:taken]
         view.pending_requests, view.pending_tokens, view.pending_blocks = len(times), sum(tokens), sum(blocks)
+
+    def apply_events(self, worker_id: str, events: KVEventBatch | None) -> bool:
+        """A report's KV events into the index; False asks the worker for a full resync of its cache."""
+        view = self.views.get(worker_id)
+        if view is None:
+            return True
         in_sync = True
         if events is not None:
             in_sync = self.index.apply(events.worker_id, events.epoch, events.seq, events.events)
-        view.num_cached_blocks = self.index.num_blocks(stats.worker_id)
+        view.num_cached_blocks = self.index.num_blocks(worker_id)
         self._pool(view).update(view)
         self.index.expire_predictions()
         return in_sync
@@ -125,7 +166,7 @@ class Router:
         most = req.num_prompt_tokens - 1  # the last prompt token is always computed
         decode_pool, prefill_pool = self.pools["decode"], self.pools["prefill"]
         if not decode_pool.views:
-            raise NoCapacity("no decode or colocated worker is alive", retry_after=5.0, unavailable=True)
+            raise NoCapacity("no decode-capable worker is alive", retry_after=5.0, unavailable=True)
         now = time.time()
         for worker_id in req.exclude:  # each refused this request at its bound: the estimate was behind
             if (view := self.views.get(worker_id)) is not None:
@@ -143,7 +184,7 @@ class Router:
         ends = self.index.match_ends(req.block_hashes)
         decode_cands = decode_pool.candidates(admits_decode, ends, to_tokens)
         if not decode_cands:
-            raise NoCapacity(f"all {len(decode_pool.views)} decode workers are full (queue or KV blocks)")
+            raise NoCapacity(f"all {len(decode_pool.views)} decode-capable workers are full (queue or KV blocks)")
         prefill_cands = prefill_pool.candidates(admits_prefill, ends, to_tokens)
         if prefill_pool.views and not prefill_cands:
             raise NoCapacity(f"all {len(prefill_pool.views)} prefill workers have full queues")

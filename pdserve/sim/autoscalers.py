@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from pdserve.autoscale.policy import Decision, PolicyState, decide
+from pdserve.autoscale.policy import PolicyState, ScaleDecision, decide
 from pdserve.config import AutoscalingConfig
 
 
@@ -23,7 +23,7 @@ class PdserveAutoscaler:
         self.actions: Counter[str] = Counter()
         self.log: list[tuple[float, str, str]] = []
 
-    def step(self, sim, now: float) -> Decision:
+    def step(self, sim, now: float) -> ScaleDecision:
         s = sim.observer.signals
         d = decide(s, self.state, self.cfg, now)
         current = s.totals()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from pdserve.autoscale.policy import RemovalCandidate, pick_removal
+from pdserve.autoscale.removal import RemovalCandidate, pick_removal
 from pdserve.sim.cluster import ClusterConfig, Simulation
 from pdserve.sim.model import LatencyModel
 from pdserve.sim.trace import TraceRequest

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from pdserve.config import EngineConfig
 from pdserve.policy_options import PrefixAwareOptions, SGLangCacheAwareOptions
-from pdserve.router.policies import Candidate, Decision, PrefixAware, SGLangCacheAware, make_policy
+from pdserve.router.policies import Candidate, Pick, PrefixAware, SGLangCacheAware, make_policy
 
 
 class PrefixAwareQueueOptions(PrefixAwareOptions):
@@ -60,7 +60,7 @@ class SGLangFresh(SGLangCacheAware):
                 c.worker.worker_id,
             ),
         )
-        return Decision(best.worker.worker_id, "smallest_cache")
+        return Pick(best.worker.worker_id, "smallest_cache")
 
 
 VARIANTS = {cls.name: cls for cls in (PrefixAwareQueue, SGLangFresh)}

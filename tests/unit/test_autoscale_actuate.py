@@ -41,7 +41,7 @@ class Fake:
     def publish_targets(self):
         pass
 
-    def reconcile(self, serve_http):
+    def reconcile(self):
         while sum(r.state != "dead" for r in self.workers.values()) < self.targets["decode"]:
             self.starts += 1
             if self.start_fails < 0:  # never starts: stays "starting"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.autoscale.policy import PolicyState, RemovalCandidate, Signals, decide, demand, pick_removal
+from pdserve.autoscale.policy import PolicyState, Signals, decide, demand
+from pdserve.autoscale.removal import RemovalCandidate, pick_removal
 from pdserve.config import AutoscalingConfig
 
 CFG = AutoscalingConfig(

@@ -91,7 +91,7 @@ def _prefill(src: LLMEngine, rid: str, prompt: list[int], salt: str | None):
     src.add_request(rid, prompt, GREEDY, role="prefill", cache_salt=salt)
     while not src.step():
         pass
-    return src.export_request(rid)
+    return src.handoff.export_request(rid)
 
 
 def test_the_salt_travels_with_a_kv_handoff_and_a_migration_stage():
@@ -100,23 +100,23 @@ def test_the_salt_travels_with_a_kv_handoff_and_a_migration_stage():
     record, src_blocks = _prefill(src, "r", p, "tenant-a")
     assert record.cache_salt == "tenant-a"
     record = msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=type(record))  # as on the wire
-    res = dst.import_request(record)
+    res = dst.handoff.import_request(record)
     dst.kv_cache[res.block_ids] = src.kv_cache[src_blocks]
-    dst.finish_import("r")
-    src.release("r")
+    dst.handoff.finish_import("r")
+    src.handoff.release("r")
     while dst.has_unfinished():
         dst.step()
     # the receiver cached the imported KV under the request's salt only
     assert len(cached_ids(dst, p, "tenant-a")) == 4 and not cached_ids(dst, p, "tenant-b") + cached_ids(dst, p, None)
     record, _ = _prefill(src, "s", p, "tenant-b")  # another tenant's import reuses nothing there
-    assert dst.import_request(record).num_cached_blocks == 0
+    assert dst.handoff.import_request(record).num_cached_blocks == 0
     dst.abort("s")
-    src.release("s")
+    src.handoff.release("s")
     # a live-migration stage looks the receiver's cache up under the salt it carries
     for salt, reused in (("tenant-a", 4), ("tenant-b", 0), (None, 0)):
-        ids, n = dst.stage_blocks(p[:64], [], salt)
+        ids, n = dst.handoff.stage_blocks(p[:64], [], salt)
         assert (len(ids), n) == (4, reused)
-        dst.drop_blocks(ids)
+        dst.handoff.drop_blocks(ids)
     src.blocks.check_no_leak()
     dst.blocks.check_no_leak()
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pdserve.cli_ray import probe, use_ray_token_auth
-from tests.loadgen import free_port
+from pdserve.live.ports import free_port
 
 
 @pytest.fixture

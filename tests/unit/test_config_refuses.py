@@ -148,7 +148,7 @@ def test_controller_and_frontend_timeouts_reach_their_users():
     c = load_config(
         overrides={"controller": {"call_timeout_s": 3}, "frontend": {"stream_gap_timeout_s": 0.5}}, env=False
     )
-    assert Frontends(c, spawn=None, failed=None).call_timeout_s == 3.0
+    assert Frontends(c, Registry({}), spawn=None, failed=None).call_timeout_s == 3.0
     assert Migrations(c, Registry({}), metrics=None).call_timeout_s == 3.0
     assert ClusterClient(load_model_info(None), None, c).stream_gap_timeout_s == 0.5
 

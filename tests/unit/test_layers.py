@@ -1,5 +1,6 @@
-"""The import layering from STYLE.md: engine/ and kv/ import neither Ray nor FastAPI; router/, api/ and
-the engine-client seam import no torch; workers/ do not import the HTTP layer.
+"""The import layering from STYLE.md: engine/ and kv/ import neither Ray nor FastAPI; router/, api/, load/
+and the engine-client seam import no torch (load/, the load generator, no Ray or server either); workers/ do
+not import the HTTP layer.
 
 Two checks. RULES: what each package's own files import (read with ast). REACH: what a module may not reach
 through the import graph (grimp's, over pdserve): what it imports, what those import, and so on, down to
@@ -62,6 +63,25 @@ RULES = {
         "pdserve.handoff",
     },
     "controller": {"torch", "fastapi", "uvicorn", "pdserve.engine", "pdserve.kv", "pdserve.workers.worker"},
+    # the load generator: a client process, never a serving one (and never the harness's deployments)
+    "load": {
+        "torch",
+        "ray",
+        "fastapi",
+        "uvicorn",
+        "pdserve.engine",
+        "pdserve.kv",
+        "pdserve.workers",
+        "pdserve.api",
+        "pdserve.router",
+        "pdserve.cluster",
+        "pdserve.controller",
+        "pdserve.handoff",
+        "pdserve.autoscale",
+        "pdserve.live",
+    },
+    # the live-deployment harness drives deployments through their public entry points, never an engine
+    "live": {"torch", "pdserve.engine", "pdserve.kv", "pdserve.workers", "pdserve.handoff"},
 }
 
 
@@ -91,10 +111,11 @@ def test_engine_client_seam_and_protocol_import_no_torch():
 
 
 NO_TORCH = ["api", "cluster", "router", "autoscale", "sim", "config", "protocol", "hashing", "model_info"]
-NO_TORCH += ["engine_client", "demo_model"]
+NO_TORCH += ["engine_client", "demo_model", "load"]
 REACH = {f"pdserve.{m}": {"torch"} for m in NO_TORCH} | {
     f"pdserve.{m}": {"ray", "fastapi", "starlette", "uvicorn"} for m in ("engine", "kv")
 }
+REACH["pdserve.load"] = {"torch", "ray", "fastapi", "starlette", "uvicorn"}
 LAZY_OK = {
     ("pdserve", "pdserve.llm"): "pdserve.__getattr__ imports the engine only when pdserve.LLM is used",
 }

@@ -7,7 +7,9 @@ hang), every error clean (an OpenAI error object, or a dropped connection to the
 back at full strength within a bound, and no KV block held once the load is drained.
 
     python bench/chaos.py                                   # 30 min, a fault every 20 s
-    python bench/chaos.py --duration 120 --interval 15 --faults kill_worker,hang_worker --seed 3
+    python -m bench.chaos --duration 120 --interval 15 --faults kill_worker,hang_worker --seed 3
+
+The rounds are bench/chaos_rounds.py's, the faults pdserve.live.faults', the load pdserve.load's.
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import ray
-from chaos_faults import FAULTS, Chaos, Settings
-from chaos_load import PROMPTS, oracle
-from common import percentiles, print_table, write_json
 
+from bench.chaos_rounds import Chaos, Settings
+from bench.common import print_table, write_json
+from bench.oracle import PROMPTS, offline
 from pdserve.config import ServeConfig
-from pdserve.controller.deploy import deploy
+from pdserve.live.faults import FAULTS
+from pdserve.live.inprocess import running
+from pdserve.live.ports import free_ports
+from pdserve.load.outcome import percentiles
 
 ADMIN_KEY = "chaos-admin-key"
 # faults after which the deployment is short of a worker, a frontend or its controller for a while
@@ -48,21 +52,6 @@ NOTE = (
     "recovered_s: from the fault to ready workers == targets and every frontend ready; leaked_blocks: KV "
     "blocks still referenced on ready workers once the load was drained."
 )
-
-
-def free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 all free (frontend i listens on p + i)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            for i in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
 
 
 def chaos_config(name: str, port: int, worker_timeout_s: float = 3.0, **sections) -> ServeConfig:
@@ -102,12 +91,11 @@ async def run(
     rounds: list[dict] = []
     started = time.monotonic()
     # the offline run's answers while the deployment starts (an engine of its own: undisturbed)
-    answers = asyncio.ensure_future(asyncio.to_thread(oracle, PROMPTS, max_tokens, long_max_tokens))
-    dep = await deploy(config, serve_http=True, timeout_s=300)
-    deploy_s = time.monotonic() - started
-    try:
+    answers = asyncio.ensure_future(asyncio.to_thread(offline, PROMPTS, max_tokens, long_max_tokens))
+    async with running(config, timeout_s=300) as live:
+        deploy_s = time.monotonic() - started
         cases, long_case = await answers
-        chaos, chaos_started = Chaos(dep, urls, cases, long_case, settings, seed), time.monotonic()
+        chaos, chaos_started = Chaos(live.dep, urls, cases, long_case, settings, seed), time.monotonic()
         for number, kind in enumerate(kinds, 1):
             if time.monotonic() - chaos_started > duration_s:
                 break
@@ -115,8 +103,6 @@ async def run(
             record["ok"] = not record["violations"]
             rounds.append(record)
             on_round(record)
-    finally:
-        await dep.shutdown()
     return {"rounds": rounds, "summary": summarize(rounds), "deploy_s": deploy_s, "wall_s": time.monotonic() - started}
 
 

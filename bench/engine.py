@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import Timer, build_random_llama, print_table, write_json
+
+from bench.common import Timer, build_random_llama, print_table, write_json
 
 
 def workload(n: int, prompt_range, output_range, vocab: int, seed: int):

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import sys
 import time
 from array import array
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import print_table, write_json  # noqa: E402
-from pdserve.engine.block_manager import BlockManager  # noqa: E402
-from pdserve.hashing import HASH_BYTES, block_hashes, root_hash  # noqa: E402
+from bench.common import print_table, write_json
+from pdserve.engine.block_manager import BlockManager
+from pdserve.hashing import HASH_BYTES, block_hashes, root_hash
 
 
 def chain(tokens: list[int], block_size: int, root: bytes, digest_size: int) -> list[bytes]:

@@ -22,7 +22,8 @@ import statistics
 import time
 
 import ray
-from common import print_table, write_json
+
+from bench.common import print_table, write_json
 
 MB = 1 << 20
 SIZES = [64 << 10, 256 << 10, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]

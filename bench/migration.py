@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import ray
-from common import build_random_llama, print_table, write_json
 
+from bench.common import build_random_llama, print_table, write_json
 from pdserve import SamplingParams
 from pdserve.config import ServeConfig
 from pdserve.controller.deploy import build

@@ -19,92 +19,90 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import aiohttp
+from bench.common import print_table, write_json
+from pdserve.live.server import Server
+from pdserve.load import arrivals
+from pdserve.load.client import Client
+from pdserve.load.metrics import Sampler
+from pdserve.load.outcome import Outcome
 
 MAX_RUNNING, MAX_WAITING = 16, 4  # the server this starts: one colocated worker, admission sized to the SLO
 BODY = {"model": "pdserve-demo", "prompt": "overload " * 8, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
 @dataclass
-class Outcome:
+class Answer:
+    """What the overload tables count of one request (an `Outcome`, reduced)."""
+
     t_send: float  # seconds since the burst began
     status: int  # 0: no HTTP answer (connection error, timeout)
     latency_s: float
     retry_after: str | None = None
-    error: str = ""
+    error: str = ""  # "" for any answer with a status (the status says it), "short answer", or the failure
 
 
-def _session(limit: int = 0) -> aiohttp.ClientSession:
-    """The load's HTTP client: aiohttp, which costs about a third of httpx's CPU per request (0.35-0.39 ms vs
-    1.14-1.16 ms here); on a small machine the load generator shares the cores with the service it measures."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
-
-
-async def _one(http: aiohttp.ClientSession, url: str, body: dict, t0: float, timeout: float) -> Outcome:
-    start = time.perf_counter()
-    try:
-        async with http.post(f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            data = await r.json(content_type=None)
-            ok = r.status != 200 or data["usage"]["completion_tokens"] == body["max_tokens"]
-            return Outcome(start - t0, r.status, time.perf_counter() - start, r.headers.get("retry-after"),
-                           "" if ok else "short answer")  # fmt: skip
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
-        return Outcome(start - t0, 0, time.perf_counter() - start, error=repr(e)[:200])
+def answer(o: Outcome, body: dict, t0: float) -> Answer:
+    if o.kind == "ok":
+        error = "" if o.output_tokens == body["max_tokens"] else "short answer"
+    else:
+        error = "" if o.kind == "http" else f"{o.kind}: {o.error}"[:200]
+    return Answer(o.t_send - t0, o.status, o.e2e, o.retry_after, error)
 
 
 async def closed_loop(url: str, body: dict, concurrency: int, seconds: float) -> tuple[float, int]:
     """(completed requests per second, requests refused) with `concurrency` clients, each sending its next
     request when the last is answered (after a refusal, after its Retry-After)."""
-    done, refused, deadline = 0, 0, time.perf_counter() + seconds
+    done, refused = 0, 0
 
-    async def client(http: aiohttp.ClientSession) -> None:
-        nonlocal done, refused
-        while time.perf_counter() < deadline:
-            out = await _one(http, url, body, 0.0, 120)
+    async with Client(url, limit=concurrency, timeout_s=120) as http:
+
+        async def step(_: int) -> None:
+            nonlocal done, refused
+            out = answer(await http.send(body), body, 0.0)
             done += out.status == 200 and not out.error
             if out.status in (429, 503):
                 refused += 1
                 await asyncio.sleep(float(out.retry_after or 1))
 
-    start = time.perf_counter()
-    async with _session(concurrency) as http:
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        start = time.perf_counter()
+        await arrivals.closed_loop(concurrency, step, seconds=seconds)
     return done / (time.perf_counter() - start), refused
 
 
-async def open_loop(url: str, body: dict, rate: float, seconds: float, timeout: float, probe=None) -> list[Outcome]:
-    """Requests sent every 1/`rate` s for `seconds`, whatever became of the earlier ones; `probe()` (the
-    deployment's queues, say) is sampled every second meanwhile."""
-    t0, tasks, n = time.perf_counter(), [], int(rate * seconds)
-    async with _session() as http:
-        next_probe = 0.0
-        for i in range(n):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(http, url, body, t0, timeout)))
-            if probe is not None and time.perf_counter() - t0 >= next_probe:
-                next_probe += 1.0
-                await probe(time.perf_counter() - t0)
-        return list(await asyncio.gather(*tasks))
+async def open_loop(url: str, body: dict, rate: float, seconds: float, timeout: float, probe=None) -> list[Answer]:
+    """Requests sent every 1/`rate` s for `seconds`, whatever became of the earlier ones; `probe(t)` (the
+    deployment's queues, say) is awaited every second meanwhile."""
+    async with Client(url, timeout_s=timeout) as http:
+        t0, probes = time.perf_counter(), []
+
+        async def fire(i: int, lag: float) -> Answer:
+            if probe is not None and time.perf_counter() - t0 >= len(probes):
+                probes.append(asyncio.ensure_future(probe(time.perf_counter() - t0)))
+            return answer(await http.send(body, send_lag=lag), body, t0)
+
+        answers = await arrivals.open_loop(arrivals.uniform(rate, int(rate * seconds)), fire)
+        await asyncio.gather(*probes)
+        return answers
 
 
 async def recovery(url: str, body: dict, slo_s: float, timeout_s: float = 60.0) -> float | None:
     """Seconds from now until a request is answered 200 within the SLO (None: not within `timeout_s`)."""
     start = time.perf_counter()
-    async with _session() as http:
+    async with Client(url, timeout_s=120) as http:
         while time.perf_counter() - start < timeout_s:
-            out = await _one(http, url, body, start, 120)
+            out = answer(await http.send(body), body, start)
             if out.status == 200 and not out.error and out.latency_s <= slo_s:
                 return time.perf_counter() - start
             await asyncio.sleep(0.2)
     return None
 
 
-def summarize(outcomes: list[Outcome], slo_s: float) -> dict:
+def summarize(outcomes: list[Answer], slo_s: float) -> dict:
     accepted = sorted(o.latency_s for o in outcomes if o.status == 200 and not o.error)
     refused = [o for o in outcomes if o.status in (429, 503)]
 
@@ -126,27 +124,19 @@ def summarize(outcomes: list[Outcome], slo_s: float) -> dict:
     }
 
 
-async def sample_queues(metrics_url: str, interval_s: float, samples: list[tuple[float, int, int]]) -> None:
-    """Append (t, most running, most waiting) over the workers every `interval_s`, from the controller's
-    /metrics, until cancelled."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+def queue_sampler(metrics_url: str, interval_s: float, samples: list[tuple[float, int, int]]) -> Sampler:
+    """Appends (t, most running, most waiting) over the workers every `interval_s`, from the controller's
+    /metrics, while it runs (`async with`)."""
     names = {"pdserve_worker_running_requests": 1, "pdserve_worker_waiting_requests": 2}
-    t0 = time.perf_counter()
-    async with _session() as http:
-        while True:
-            try:
-                async with http.get(f"{metrics_url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    text = await r.text()
-                row = [time.perf_counter() - t0, 0, 0]
-                for family in text_string_to_metric_families(text):
-                    for sample in family.samples:
-                        if sample.name in names:
-                            row[names[sample.name]] = max(row[names[sample.name]], int(sample.value))
-                samples.append(tuple(row))
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(interval_s)
+
+    def on_sample(t: float, metrics: dict) -> None:
+        row = [t, 0, 0]
+        for (name, _), value in metrics.items():
+            if name in names:
+                row[names[name]] = max(row[names[name]], int(value))
+        samples.append(tuple(row))
+
+    return Sampler(metrics_url, interval_s, on_sample)
 
 
 async def run(url: str, args, probe=None, metrics_url: str | None = None) -> dict:
@@ -155,12 +145,11 @@ async def run(url: str, args, probe=None, metrics_url: str | None = None) -> dic
     print(f"sustainable {sustainable:.1f} req/s (closed loop, {args.concurrency} clients); burst {rate:.1f} req/s "
           f"for {args.seconds:.0f} s", flush=True)  # fmt: skip
     samples: list[tuple[float, int, int]] = []
-    sampler = asyncio.ensure_future(sample_queues(metrics_url, 0.2, samples)) if metrics_url else None
-    try:
+    if metrics_url:
+        async with queue_sampler(metrics_url, 0.2, samples):
+            outcomes = await open_loop(url, BODY, rate, args.seconds, args.timeout, probe)
+    else:
         outcomes = await open_loop(url, BODY, rate, args.seconds, args.timeout, probe)
-    finally:
-        if sampler is not None:
-            sampler.cancel()
     back = await recovery(url, BODY, args.slo)
     measured = {"sustainable_req_s": sustainable, "refused_while_measuring": refused, "burst_req_s": rate}
     queues = {}
@@ -185,13 +174,6 @@ def main() -> None:
     ap.add_argument("--out", default="overload")
     ap.add_argument("--src", default=None, help="the pdserve source tree to serve (default: the installed one)")
     args = ap.parse_args()
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from common import Server, print_table, write_json
-
     server = None
     if args.url is None:
         flags = ["--prefill-workers", "0", "--decode-workers", "0", "--colocated-workers", "1", "--engine.max-num-seqs",

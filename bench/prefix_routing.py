@@ -29,9 +29,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-from common import Server, build_random_llama, percentiles, print_table, scrape, write_json
-from prefix_routing_chats import Turn, run_chats
+from bench.common import build_random_llama, print_table, write_json
+from pdserve.live.server import Server
+from pdserve.load.chats import Turn, run_chats
+from pdserve.load.client import get_json
+from pdserve.load.metrics import scrape_now
+from pdserve.load.outcome import percentiles
 
 POLICIES = ["round_robin", "prefix_aware", "least_loaded", "sglang_cache_aware", "dynamo_kv_cost"]
 COUNTERS = (
@@ -53,7 +56,7 @@ COUNTERS = (
 def counters(server: Server, url: str) -> dict[tuple, float]:
     """Request counters from the frontend; routing, scheduler and per-worker prefix-cache counters from the
     controller's own /metrics."""
-    both = scrape(url) | scrape(server.controller_url)
+    both = scrape_now(url) | scrape_now(server.controller_url)
     return {k: v for k, v in both.items() if k[0] in COUNTERS}
 
 
@@ -126,7 +129,7 @@ def run_policy(policy: str, served: list[str], args, log_dir: Path) -> dict:
     try:
         url = server.start()
         ready_s = time.perf_counter() - t0
-        model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        model = get_json(f"{url}/v1/models")["data"][0]["id"]
         warm = argparse.Namespace(
             **{
                 **vars(args),

@@ -10,11 +10,11 @@ as a real worker reporting every 0.2 s would at ~2,000 decisions/s. A warm-up fi
 (a) in-process `Router.route()` latency per policy, `--repeat` runs each with the policies alternating
 (medians reported), with its phases (`index.match_ends`, each pool's candidates and the policy's pick
 over them) timed alone; `--batches 1,32` also times decisions back to back, as a route_batch call runs them;
-(b) `GlobalScheduler` actor throughput (scheduler_actor.py): sequential `route.remote`, 64 in flight,
+(b) `GlobalScheduler` actor throughput (router_actor.py): sequential `route.remote`, 64 in flight,
 `route_batch` via the API server's RouteBatcher. `--profile` prints a cProfile of in-process routing.
-The workload and the simulated workers are in scheduler_harness.py.
+The workload and the simulated workers are in router_harness.py.
 
-    cd bench && python scheduler.py [--requests 20000] [--repeat 3] [--batches 1,32] [--quick] [--profile]
+    python -m bench.router [--requests 20000] [--repeat 3] [--batches 1,32] [--quick] [--profile]
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import pstats
 import time
 
 import numpy as np
-from common import print_table, write_json
-from scheduler_actor import run_actor
-from scheduler_harness import BS, GCPauses, SimWorkers, pct_us, workload
 
+from bench.common import print_table, write_json
+from bench.router_actor import run_actor
+from bench.router_harness import BS, GCPauses, SimWorkers, pct_us, workload
 from pdserve.protocol import RouteRequest
 from pdserve.router.policies import POLICIES
 from pdserve.router.router import NoCapacity, Router, RouterConfig

@@ -1,4 +1,4 @@
-"""bench/scheduler.py part (b): routing decisions through the `GlobalScheduler` Ray actor, one call per
+"""bench/router.py part (b): routing decisions through the `GlobalScheduler` Ray actor, one call per
 decision, 64 calls in flight, and batched through the API server's RouteBatcher."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 from collections import deque
 
 import numpy as np
-from scheduler_harness import BS, SimWorkers, pct_us
 
+from bench.router_harness import BS, SimWorkers, pct_us
 from pdserve.protocol import KVEventBatch, Route, RouteRequest, WorkerStats
 from pdserve.router.router import NoCapacity, Router, RouterConfig
 

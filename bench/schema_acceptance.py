@@ -11,20 +11,17 @@ within frontend.limits.max_n, a prompt that fits the context). Compare two commi
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import print_table, write_json  # noqa: E402
-from pdserve.api.app import create_app  # noqa: E402
-from pdserve.config import EngineConfig, RequestLimits  # noqa: E402
-from pdserve.workers.local_client import LocalClient  # noqa: E402
-from tests.e2e.harness import serving  # noqa: E402
+from bench.common import print_table, write_json
+from pdserve.api.app import create_app
+from pdserve.config import EngineConfig, RequestLimits
+from pdserve.live.thread import serving
+from pdserve.workers.local_client import LocalClient
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
 LIMITS = RequestLimits(max_n=4, max_stop_strings=4, max_stop_string_chars=16, max_stop_token_ids=8)
@@ -61,7 +58,7 @@ def main() -> None:
             schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
             rows = [measure(schema, path, args.examples) for path in PATHS]
     finally:
-        backend.loop.stop()
+        backend.engine_thread.stop()
     print_table(rows, ["operation", "cases", "accepted", "accepted_pct", "refused_by_param"])
     print(f"wrote {write_json(args.out, {'args': vars(args), 'rows': rows})}")
 

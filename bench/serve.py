@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import serve_autoscale
-import serve_faults
-from common import Server, build_random_llama, print_table, write_json
-from serve_load import Req, run_load, scrape_all, server_side, set_arrivals, summarize, workload
+from bench import serve_autoscale, serve_faults
+from bench.common import build_random_llama, print_table, write_json
+from bench.serve_runs import Req, run_load, scrape_all, server_side, set_arrivals, summarize, workload
+from pdserve.live.server import Server
+from pdserve.load.client import get_json
 
 LAYOUTS = {
     "pd": ["--prefill-workers", "1", "--decode-workers", "1", "--transport", "nixl"],
@@ -62,7 +62,7 @@ def model_args(args) -> tuple[list[str], int]:
 def bench(url: str, args, vocab: int, controller: str | None = None) -> list[dict]:
     """The workload at each rate (or once, closed loop / trace timing) against the server at `url`
     (`controller`: its controller's metrics URL)."""
-    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    models = get_json(f"{url}/v1/models")["data"][0]
     model, max_len = models["id"], models.get("max_model_len") or 4096
     if args.warmup:
         warm = workload(args, vocab, max_len, "warmup")[0][: args.warmup]
@@ -78,9 +78,11 @@ def bench(url: str, args, vocab: int, controller: str | None = None) -> list[dic
         summary["server"] = server_side(before, scrape_all(url, controller))
         summary.update(rate=rate, concurrency=args.concurrency, trace_time_scale=scale)
         print(f"  {_label(rate, args)}: {summary['ok']}/{summary['requests']} ok in {duration:.1f} s", flush=True)
-        keep = ("input_len", "max_tokens", "output_tokens", "status", "ttft", "e2e", "send_lag")
+        keep = ("output_tokens", "status", "ttft", "e2e", "send_lag")
         per_request = [
             {
+                "input_len": len(q.prompt),
+                "max_tokens": q.max_tokens,
                 **{k: getattr(r, k) for k in keep},
                 "tpot": r.tpot,
                 "max_itl": max(r.itl, default=None),

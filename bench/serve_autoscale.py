@@ -16,9 +16,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
-from common import Server, print_table, write_json
-from serve_faults import Load, _requests, status
+from bench.common import print_table, write_json
+from bench.serve_faults import Load, _requests, status
+from pdserve.live.server import Server
+from pdserve.load.client import get_json
 
 POLL_S = 0.25
 DEFAULT_RAMP = "20:1,60:8,0:0"
@@ -86,7 +87,7 @@ class Watch:
 
 
 async def drive(url: str, controller, args, vocab: int) -> dict:
-    info = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    info = get_json(f"{url}/v1/models")["data"][0]
     reqs = _requests(args, vocab, info.get("max_model_len") or 4096)
     watch, t0 = Watch(controller), time.perf_counter()
     initial = {w["worker_id"] for w in (await status(controller))["workers"]}

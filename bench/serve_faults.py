@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import random
 import signal
 import tempfile
 import time
@@ -17,9 +16,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from common import Server, print_table, scrape, write_json
-from serve_load import Req, Result, send, workload
+from bench.common import print_table, write_json
+from bench.serve_runs import Req, body, workload
+from pdserve.live.server import Server
+from pdserve.load import arrivals
+from pdserve.load.client import Client, get_json
+from pdserve.load.metrics import scrape_now
+from pdserve.load.outcome import Outcome
 
 KILLABLE = ("prefill", "decode", "colocated", "frontend", "controller")
 POLL_S = 0.1
@@ -50,8 +53,9 @@ def add_args(ap) -> None:
 @dataclass
 class Sent:
     start: float
+    req: Req
     end: float | None = None
-    result: Result | None = None
+    result: Outcome | None = None
 
 
 class Load:
@@ -64,26 +68,22 @@ class Load:
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits) as client:
+        async with Client(self.url, timeout_s=self.timeout) as client:
             if self.concurrency:
-                await asyncio.gather(*(self._slot(client) for _ in range(self.concurrency)))
-                return
-            rng, tasks = random.Random(1), []
-            while not self.stop.is_set():
-                tasks.append(asyncio.create_task(self._one(client, next(self.reqs))))
-                await asyncio.sleep(rng.expovariate(self.rate))
-            await asyncio.gather(*tasks)
 
-    async def _slot(self, client) -> None:
-        while not self.stop.is_set():
-            if not (await self._one(client, next(self.reqs))).ok:
-                await asyncio.sleep(BACKOFF_S)
+                async def slot(_: int) -> None:
+                    if not (await self._one(client)).ok:
+                        await asyncio.sleep(BACKOFF_S)
 
-    async def _one(self, client, req: Req) -> Result:
-        s = Sent(time.perf_counter())
+                await arrivals.closed_loop(self.concurrency, slot, stop=self.stop)
+            else:
+                times = arrivals.poisson(self.rate, seed=1)
+                await arrivals.open_loop(times, lambda i, lag: self._one(client, lag), stop=self.stop)
+
+    async def _one(self, client: Client, lag: float = 0.0) -> Outcome:
+        s = Sent(time.perf_counter(), next(self.reqs))
         self.sent.append(s)
-        s.result = await send(client, self.model, req, 0.0)
+        s.result = await client.send(body(self.model, s.req), send_lag=lag, tag=s.req)
         s.end = time.perf_counter()
         return s.result
 
@@ -141,13 +141,10 @@ COUNTERS = {"pdserve_request_retries_total": "retries", "pdserve_worker_deaths_t
 def counters(url: str, metrics_url: str | None) -> Counter:
     """The frontend's retries by cause, the controller's worker deaths by role and cause ({} while down)."""
     out: Counter = Counter()
-    for u in filter(None, (url, metrics_url)):
-        try:
-            for (name, labels), v in scrape(u).items():
-                if name in COUNTERS:
-                    out[":".join([COUNTERS[name], *(v for _, v in labels)])] += v
-        except httpx.HTTPError:
-            pass
+    for u in (url, metrics_url):
+        for (name, labels), v in scrape_now(u).items():
+            if name in COUNTERS:
+                out[":".join([COUNTERS[name], *(v for _, v in labels)])] += v
     return out
 
 
@@ -207,7 +204,7 @@ def outcome(row: dict, sent: list[Sent], min_window: float) -> dict:
         "in_flight": len(inflight),
         "in_flight_ok": len(ok),
         "ok_share": len(ok) / len(inflight) if inflight else None,
-        "short": sum(s.result.output_tokens < s.result.max_tokens for s in ok),
+        "short": sum(s.result.output_tokens < s.req.max_tokens for s in ok),
         "errors": errors(inflight),
         "started": len(during),
         "started_ok": sum(s.result.ok for s in during),
@@ -223,7 +220,7 @@ def outcome(row: dict, sent: list[Sent], min_window: float) -> dict:
 
 
 async def drive(url: str, metrics_url: str | None, controller, roles: list[str], args, vocab: int) -> dict:
-    info = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    info = get_json(f"{url}/v1/models")["data"][0]
     reqs = _requests(args, vocab, info.get("max_model_len") or 4096)
     rate = None if args.concurrency else (args.rates or [2.0])[0]
     load = Load(url, info["id"], reqs, args.concurrency, rate, args.timeout)
@@ -245,7 +242,7 @@ async def drive(url: str, metrics_url: str | None, controller, roles: list[str],
     t_start = load.sent[0].start
     requests = [{"start": s.start - t_start, "end": s.end - t_start, "status": s.result.status,
                  "error": s.result.error[:120], "output_tokens": s.result.output_tokens,
-                 "max_tokens": s.result.max_tokens, "ttft": s.result.ttft} for s in load.sent]  # fmt: skip
+                 "max_tokens": s.req.max_tokens, "ttft": s.result.ttft} for s in load.sent]  # fmt: skip
     for row in rows:  # times relative to the first request
         row["t_kill"], row["t_recovered"] = row["t_kill"] - t_start, row["t_recovered"] - t_start
     return {"rows": rows, "status_before": status_before, "status_after": await status(controller),

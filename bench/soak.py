@@ -4,7 +4,7 @@ least-squares slope after the warm-up and whether it is within noise. Table, ben
 
     python bench/soak.py                                        # 30 min, 1 prefill + 1 decode worker
     python bench/soak.py --prefill 2 --decode 2 --frontends 2   # 2P2D
-    python bench/soak.py --duration 90 --sample-s 5 --warmup-s 20
+    python -m bench.soak --duration 90 --sample-s 5 --warmup-s 20
 """
 
 from __future__ import annotations
@@ -19,17 +19,22 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 import ray
-from chaos import ADMIN_KEY, free_ports
-from chaos_faults import Chaos, Settings, _held_blocks
-from chaos_load import BACKOFF_S, PROMPTS, Case, complete, diagnose, oracle
-from common import percentiles, print_table, write_json
-from soak_plot import plot
 
+from bench.chaos import ADMIN_KEY
+from bench.chaos_rounds import BACKOFF_S, Chaos, Settings, held_blocks
+from bench.common import print_table, write_json
+from bench.oracle import PROMPTS, diagnose, offline
+from bench.soak_plot import plot
 from pdserve.config import NAMESPACE, ServeConfig, worker_actor_name
-from pdserve.controller.deploy import deploy
+from pdserve.live.faults import MODEL
+from pdserve.live.inprocess import running
+from pdserve.live.ports import free_ports
+from pdserve.load.client import completion_body
+from pdserve.load.oracle import Case, verdict
+from pdserve.load.outcome import Outcome, percentiles
+from pdserve.load.steady import Planned, Steady
 
 MAX_TOKENS = (4, 16, 64)  # a cancelled stream asks for the longest and leaves after 1-4 chunks
 WORDS = "prefill decode block cache lease evict token stream serve route worker batch".split()
@@ -62,11 +67,12 @@ def prompts(seed: int, variants: int = 16) -> list[str]:
 
 def expected(texts: list[str]) -> dict[int, list[Case]]:
     """max_tokens -> the cases with the offline engine's answers (an engine of this process's own)."""
-    return {m: oracle(texts, m, 1)[0] for m in MAX_TOKENS}
+    return {m: offline(texts, m, 1)[0] for m in MAX_TOKENS}
 
 
 class Load:
-    """`concurrency` closed-loop clients over the frontends, counting how each request ended."""
+    """`concurrency` closed-loop clients over the frontends (pdserve.load.steady), counting how each request
+    ended by the oracle's verdict."""
 
     def __init__(self, urls: list[str], cases: dict[int, list[Case]], args) -> None:
         self.urls, self.cases, self.args = urls, cases, args
@@ -74,39 +80,35 @@ class Load:
         self.latencies: list[float] = []  # completed since the last sample
         self.failures: list[str] = []  # the first few non-clean endings
         self.wrong: list[tuple[Case, str]] = []  # the first few wrong answers, for diagnose()
-        self.stopping = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []
+        seeds = random.Random(args.seed).sample(range(1 << 30), args.concurrency)
+        self.rngs = [random.Random(s) for s in seeds]
+        self.steady = Steady(urls, args.concurrency, self._plan, deadline_s=args.deadline, backoff_s=BACKOFF_S,
+                             on_outcome=self._count)  # fmt: skip
+
+    def _plan(self, i: int, k: int) -> Planned:
+        rng = self.rngs[i]
+        stream = rng.random() < 0.5
+        leave = rng.randint(1, 4) if stream and rng.random() < self.args.cancel_share else None
+        case = rng.choice(self.cases[MAX_TOKENS[-1] if leave else rng.choice(MAX_TOKENS)])
+        return Planned(completion_body(MODEL, case.prompt, case.max_tokens, stream=stream), case, leave)
+
+    def _count(self, out: Outcome) -> None:
+        v = verdict(out, out.tag)
+        self.counts[OUTCOMES[v]] += 1
+        if v == "ok":
+            self.latencies.append(out.e2e)
+        elif v != "left":
+            if v == "wrong" and len(self.wrong) < 20:
+                self.wrong.append((out.tag, out.text))
+            if v != "error" and len(self.failures) < 10:
+                self.failures.append(f"{v} {out.kind} {out.error}"[:300])
 
     def start(self) -> None:
-        seeds = random.Random(self.args.seed).sample(range(1 << 30), self.args.concurrency)
-        self.tasks = [asyncio.ensure_future(self._client(i, random.Random(s))) for i, s in enumerate(seeds)]
+        self.steady.start()
 
     async def stop(self, grace_s: float) -> None:
         """No new request; those in flight get `grace_s` to end, then are cancelled (and not counted)."""
-        self.stopping.set()
-        if self.tasks:
-            _, late = await asyncio.wait(self.tasks, timeout=grace_s)
-            for t in late:
-                t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _client(self, i: int, rng: random.Random) -> None:
-        fe, deadline = i % len(self.urls), self.args.deadline
-        async with httpx.AsyncClient(timeout=deadline + 10) as client:
-            while not self.stopping.is_set():
-                stream = rng.random() < 0.5
-                leave = rng.randint(1, 4) if stream and rng.random() < self.args.cancel_share else None
-                case = rng.choice(self.cases[MAX_TOKENS[-1] if leave else rng.choice(MAX_TOKENS)])
-                out = await complete(client, self.urls[fe], fe, case, stream, deadline, leave_after=leave)
-                self.counts[OUTCOMES[out.status]] += 1
-                if out.status == "ok":
-                    self.latencies.append(out.latency_s)
-                elif out.status != "left":
-                    if out.status == "wrong" and len(self.wrong) < 20:
-                        self.wrong.append((case, out.text))
-                    if out.status != "error" and len(self.failures) < 10:
-                        self.failures.append(f"{out.status} {out.detail} {out.note}"[:300])
-                    await asyncio.sleep(BACKOFF_S)
+        await self.steady.stop(grace_s)
 
 
 def rss_mb(pid: int) -> float | None:
@@ -208,35 +210,39 @@ async def run(args, result: dict) -> None:
     urls = [f"http://127.0.0.1:{port + i}" for i in range(args.frontends)]
     started = time.monotonic()
     answers = asyncio.ensure_future(asyncio.to_thread(expected, prompts(args.seed)))
-    dep = await deploy(config, serve_http=True, timeout_s=300)
-    load = sampler = None
+    load = None
     try:
-        result["deploy_s"] = time.monotonic() - started
-        cases = await answers
-        chaos = Chaos(dep, urls, cases[MAX_TOKENS[0]], cases[MAX_TOKENS[0]][0], Settings(leak_s=30), args.seed)
-        load = Load(urls, cases, args)
-        sampler = Sampler(chaos, load, config.name)
-        result["samples"], result["load_counts"] = sampler.samples, load.counts
-        t0 = time.monotonic()
-        await sampler.take(0.0, 0.0)  # idle, before the load
-        load.start()
-        for k in range(1, int(args.duration // args.sample_s) + 1):
-            await asyncio.sleep(max(0.0, t0 + k * args.sample_s - time.monotonic()))
-            s = await sampler.take(time.monotonic() - t0, args.sample_s)
-            rss = ", ".join(f"{name} {mb:.0f}" for name, mb in s["rss_mb"].items() if mb is not None)
-            print(f"t={s['t']:.0f}s {s['counts']} held blocks {s['held_blocks']} RSS MB: {rss}", flush=True)
-        await load.stop(args.deadline)
-        leaks = await chaos.leaks()  # nothing held once idle (polled up to 30 s)
-        result["leaks"], result["leaked_blocks"] = leaks, sum(_held_blocks(r) for r in leaks)
-        await sampler.take(time.monotonic() - t0, args.sample_s, drained=True)
+        async with running(config, timeout_s=300) as live:
+            result["deploy_s"] = time.monotonic() - started
+            cases = await answers
+            chaos = Chaos(live.dep, urls, cases[MAX_TOKENS[0]], cases[MAX_TOKENS[0]][0], Settings(leak_s=30),
+                          args.seed)  # fmt: skip
+            load = Load(urls, cases, args)
+            try:
+                await _soak(args, result, chaos, load, Sampler(chaos, load, config.name))
+            finally:
+                await load.stop(0.0)
+                result["failures"] = load.failures
     finally:
-        if load is not None:
-            await load.stop(0.0)
-            result["failures"] = load.failures
-        await dep.shutdown()
         if load is not None and load.wrong:
             result["wrong_diagnosis"] = await asyncio.to_thread(diagnose, load.wrong)
         result["wall_s"] = time.monotonic() - started
+
+
+async def _soak(args, result: dict, chaos: Chaos, load: Load, sampler: Sampler) -> None:
+    result["samples"], result["load_counts"] = sampler.samples, load.counts
+    t0 = time.monotonic()
+    await sampler.take(0.0, 0.0)  # idle, before the load
+    load.start()
+    for k in range(1, int(args.duration // args.sample_s) + 1):
+        await asyncio.sleep(max(0.0, t0 + k * args.sample_s - time.monotonic()))
+        s = await sampler.take(time.monotonic() - t0, args.sample_s)
+        rss = ", ".join(f"{name} {mb:.0f}" for name, mb in s["rss_mb"].items() if mb is not None)
+        print(f"t={s['t']:.0f}s {s['counts']} held blocks {s['held_blocks']} RSS MB: {rss}", flush=True)
+    await load.stop(args.deadline)
+    leaks = await chaos.leaks()  # nothing held once idle (polled up to 30 s)
+    result["leaks"], result["leaked_blocks"] = leaks, sum(held_blocks(r) for r in leaks)
+    await sampler.take(time.monotonic() - t0, args.sample_s, drained=True)
 
 
 def report(result: dict, args) -> None:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # so `from tests.models import ...` works however pytest is invoked
-    sys.path.insert(0, str(_ROOT))
-
-from tests.models import LLAMA3_ROPE_SCALING, build_hf_model  # noqa: E402
+from tests.models import LLAMA3_ROPE_SCALING, build_hf_model  # importable: pyproject's pytest `pythonpath`
 
 
 def serve_config(**kw):

@@ -11,8 +11,8 @@ import pytest
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
+from pdserve.live.thread import ServerThread, serving
 from pdserve.workers.local_client import LocalClient
-from tests.e2e.harness import ServerThread, serving
 
 NUM_KV_BLOCKS = 512  # 8192 tokens of 16: room for 32 concurrent streams and the long-prompt tests
 
@@ -29,7 +29,7 @@ def _no_threads_left_behind() -> Iterator[None]:
 def backend() -> Iterator[LocalClient]:
     b = LocalClient(EngineConfig(num_kv_blocks=NUM_KV_BLOCKS))
     yield b
-    b.loop.stop()
+    b.engine_thread.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from pdserve.api.app import create_app
 from pdserve.api.auth import Auth
 from pdserve.config import FrontendConfig
-from tests.e2e.harness import serving
+from pdserve.live.thread import serving
 
 pytestmark = pytest.mark.e2e
 

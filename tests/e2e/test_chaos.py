@@ -9,15 +9,13 @@ load is drained."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import chaos  # noqa: E402
-from chaos_faults import FAULTS, Settings  # noqa: E402
+from bench import chaos
+from bench.chaos_rounds import Settings
+from pdserve.live.faults import FAULTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 

@@ -12,7 +12,7 @@ import pytest
 
 from pdserve import SamplingParams
 from pdserve.api.app import create_app
-from tests.e2e.harness import engine_call, serving, wait_idle
+from pdserve.live.thread import engine_call, serving, wait_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from pdserve.api.app import create_app
-from tests.e2e.harness import serving
+from pdserve.live.thread import serving
 
 pytestmark = pytest.mark.e2e
 

@@ -11,9 +11,9 @@ import pytest
 
 from pdserve.api.app import create_app
 from pdserve.engine_client import Overloaded, ServiceUnavailable
+from pdserve.live.thread import serving
 from pdserve.model_info import load_model_info
 from pdserve.protocol import TokenDelta
-from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 

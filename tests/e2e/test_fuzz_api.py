@@ -21,8 +21,8 @@ from schemathesis.specs.openapi.checks import (
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig, RequestLimits
+from pdserve.live.thread import serving
 from pdserve.workers.local_client import LocalClient
-from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def fuzz_backend():
     backend = LocalClient(EngineConfig(num_kv_blocks=64, max_model_len=MAX_MODEL_LEN))
     yield backend
-    backend.loop.stop()
+    backend.engine_thread.stop()
 
 
 @pytest.fixture(scope="module", params=[None, KEY], ids=["open", "api-key"])

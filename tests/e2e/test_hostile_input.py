@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.api.app import create_app
 from pdserve.config import RequestLimits
-from tests.e2e.harness import serving
+from pdserve.live.thread import serving
 
 pytestmark = pytest.mark.e2e
 

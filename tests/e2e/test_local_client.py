@@ -9,9 +9,9 @@ import pytest
 
 from pdserve.config import EngineConfig
 from pdserve.engine_client import Overloaded, ServiceUnavailable
+from pdserve.live.thread import engine_call, wait_idle
 from pdserve.protocol import SamplingParams
 from pdserve.workers.local_client import LocalClient
-from tests.e2e.harness import engine_call, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 def local():
     backend = LocalClient(EngineConfig(num_kv_blocks=64), max_queued=4)
     yield backend
-    backend.loop.stop()
+    backend.engine_thread.stop()
 
 
 def test_one_asyncio_callback_per_engine_step(local, monkeypatch):

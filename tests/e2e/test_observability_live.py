@@ -17,9 +17,10 @@ import pytest
 import ray
 import yaml
 
+from pdserve.live.inprocess import live_deployment
+from pdserve.live.poll import wait
+from pdserve.load.steady import uncached
 from tests.conftest import needs_binary
-from tests.live import live_deployment
-from tests.loadgen import Load, wait
 
 pytestmark = [
     pytest.mark.ray,
@@ -80,7 +81,7 @@ def test_every_dashboard_query_and_recording_rule_returns_live_data():
         pools={"prefill": 1, "decode": 2}, migration={"rebalance": False}, frontend={"resources": {"head": 1}},
         controller={"resources": {"head": 1}},
     ) as live:  # fmt: skip
-        load = Load(live.url, concurrency=4)
+        load = uncached(live.url, concurrency=4).start_thread()
         try:
             record = migrate_one_stream(live.url)
             assert record["outcome"] == "migrated", record

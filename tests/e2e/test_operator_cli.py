@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import Server
-from tests.loadgen import free_port
+from pdserve.live.ports import free_port
+from pdserve.live.server import Server
 
 pytestmark = pytest.mark.e2e
 

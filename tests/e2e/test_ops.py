@@ -15,9 +15,9 @@ import pytest
 
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
+from pdserve.live.thread import serving
 from pdserve.metrics import Metrics
 from pdserve.workers.local_client import LocalClient
-from tests.e2e.harness import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_metrics_after_traffic():
                     client.completions.create(model=model, prompt="x", max_tokens=0)
             text = httpx.get(f"{srv.url}/metrics").text
     finally:
-        backend.loop.stop()
+        backend.engine_thread.stop()
     for name in METRIC_NAMES:
         assert f"# TYPE {name} " in text, name
     assert _sample(text, "pdserve_requests_total", '{endpoint="/v1/completions",status="200"}') == 1
@@ -100,7 +100,7 @@ def test_health_503_when_engine_loop_stopped():
         # the engine's own admission check (prompt larger than its 16-block KV cache) is a 400 too
         resp = http.post("/v1/completions", json={"model": model, "prompt": [65] * 300, "max_tokens": 1})
         assert resp.status_code == 400 and "KV cache" in resp.json()["error"]["message"]
-        backend.loop.stop()
+        backend.engine_thread.stop()
         resp = http.get("/health")
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
         resp = http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1})
@@ -120,7 +120,7 @@ def test_serve_runs_until_interrupted_then_shuts_the_backend_down(tmp_path):
         "from pdserve.workers.local_client import LocalClient\n"
         "backend = LocalClient(EngineConfig(num_kv_blocks=16))\n"
         f"serve(create_app(backend), host='127.0.0.1', port={port}, log_level='warning')\n"
-        "print('engine alive after serve:', backend.loop.alive, flush=True)\n"
+        "print('engine alive after serve:', backend.engine_thread.alive, flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

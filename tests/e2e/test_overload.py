@@ -13,8 +13,8 @@ import ray
 
 from bench.overload import BODY, closed_loop, open_loop, recovery, summarize
 from pdserve.controller.deploy import deploy
+from pdserve.live.ports import free_port
 from tests.conftest import serve_config
-from tests.loadgen import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 

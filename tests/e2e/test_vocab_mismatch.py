@@ -11,8 +11,8 @@ import pytest
 from pdserve import LLM, SamplingParams
 from pdserve.api.app import create_app
 from pdserve.config import EngineConfig
+from pdserve.live.thread import serving
 from pdserve.workers.local_client import LocalClient
-from tests.e2e.harness import serving
 from tests.models import build_hf_model, get_tokenizer
 
 
@@ -49,4 +49,4 @@ def test_http_answers_400_naming_the_id(short_vocab_dir):
             ok = http.post("/v1/completions", json={**body, "prompt": [1, 2, 3]})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     finally:
-        client.loop.stop()
+        client.engine_thread.stop()

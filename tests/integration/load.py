@@ -1,15 +1,16 @@
-"""A steady greedy load for deployment tests: a few concurrent loops stream fixed prompts through a client
-until stopped; every outcome is kept, so a test can check each completed output against an undisturbed
-run and count the clean errors."""
+"""A steady greedy load for deployment tests through an engine client (`client.generate`, no HTTP: the HTTP
+load is pdserve.load's): a few closed-loop clients (pdserve.load.arrivals) stream fixed prompts until
+stopped; every outcome is kept, so a test can check each completed output against an undisturbed run and
+count the clean errors."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 from pdserve import LLM, SamplingParams
 from pdserve.engine_client import Overloaded, ServiceUnavailable
+from pdserve.load.arrivals import closed_loop
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 # lengths past the decider's 64-token local-prefill threshold, so prompts are disaggregated
@@ -34,31 +35,30 @@ class Load:
     errors: list[BaseException] = field(default_factory=list)  # clean errors: 503 / 429 kinds
     crashes: list[BaseException] = field(default_factory=list)  # anything else
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _task: asyncio.Future | None = None
     _n: int = 0
 
     def start(self) -> Load:
-        self._tasks = [asyncio.ensure_future(self._loop(i)) for i in range(self.concurrency)]
+        self._task = asyncio.ensure_future(closed_loop(self.concurrency, self._one, stop=self._stop))
         return self
 
-    async def _loop(self, k: int) -> None:
-        while not self._stop.is_set():
-            self._n += 1
-            i = self._n % len(PROMPTS)
-            tokens: list[int] = []
-            try:
-                async for d in self.client.generate(f"load-{k}-{self._n}", PROMPTS[i], GREEDY):
-                    tokens += d.new_token_ids
-                self.done.append((i, tokens))
-            except (ServiceUnavailable, Overloaded) as e:
-                self.errors.append(e)
-                await asyncio.sleep(0.2)
-            except Exception as e:  # a bug: reported by check()
-                self.crashes.append(e)
+    async def _one(self, k: int) -> None:
+        self._n += 1
+        i = self._n % len(PROMPTS)
+        tokens: list[int] = []
+        try:
+            async for d in self.client.generate(f"load-{k}-{self._n}", PROMPTS[i], GREEDY):
+                tokens += d.new_token_ids
+            self.done.append((i, tokens))
+        except (ServiceUnavailable, Overloaded) as e:
+            self.errors.append(e)
+            await asyncio.sleep(0.2)
+        except Exception as e:  # a bug: reported by check()
+            self.crashes.append(e)
 
     async def stop(self, timeout_s: float = 120.0) -> None:
         self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), timeout_s)
+        await asyncio.wait_for(self._task, timeout_s)
 
     def completed_since(self, t: int) -> int:
         return len(self.done) - t
@@ -69,13 +69,3 @@ class Load:
         ref = reference()
         wrong = [(i, toks) for i, toks in self.done if toks != ref[i]]
         assert not wrong, f"{len(wrong)} of {len(self.done)} outputs differ from the undisturbed run: {wrong[:2]}"
-
-
-async def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        await asyncio.sleep(interval)

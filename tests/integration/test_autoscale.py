@@ -10,9 +10,10 @@ import time
 import httpx
 import pytest
 
+from pdserve.live.inprocess import live_deployment
+from pdserve.live.poll import wait
+from pdserve.load.steady import uncached
 from tests.conftest import needs_binary
-from tests.live import live_deployment
-from tests.loadgen import Load, wait
 
 pytestmark = [
     pytest.mark.ray,
@@ -30,7 +31,7 @@ def test_pools_grow_under_load_and_shrink_back_to_min():
     }  # fmt: skip
     with live_deployment(auto, "pdserve-test-autoscale", rule_window="10s", engine={"num_kv_blocks": 256},
                          pools={"prefill": 1, "decode": 1}) as live:  # fmt: skip
-        load = Load(live.url, concurrency=6)
+        load = uncached(live.url, concurrency=6).start_thread()
         try:
             wait(lambda: len(live.ready("decode")) >= 2 and all(w["requests_total"] for w in live.ready("decode")),
                  150, "a second decode worker serving")  # fmt: skip
@@ -72,13 +73,14 @@ def test_a_prefill_worker_flips_to_decode_when_the_load_turns_decode_heavy():
     with live_deployment(auto, "pdserve-test-autoscale", rule_window="10s", engine={"num_kv_blocks": 1024},
                          pools={"prefill": 2, "decode": 1}) as live:  # fmt: skip
         first_decode = {w["worker_id"] for w in live.ready("decode")}
-        heavy = Load(live.url, concurrency=4, prompt_words=200, max_tokens=2)  # prefill-heavy: ~1k-token prompts
+        # prefill-heavy: ~1k-token prompts
+        heavy = uncached(live.url, concurrency=4, prompt_words=200, max_tokens=2).start_thread()
         try:
             time.sleep(20)  # longer than the window: both prefill workers stay wanted
             assert {"scale_in", "flip"}.isdisjoint(live.actions()), live.decisions()
         finally:
             heavy.end()
-        light = Load(live.url, concurrency=6, prompt_words=4, max_tokens=48)  # decode-heavy
+        light = uncached(live.url, concurrency=6, prompt_words=4, max_tokens=48).start_thread()  # decode-heavy
         try:
             wait(lambda: "flip" in live.actions(), 120, "a flip", lambda: live.decisions()[-3:])
             new = wait(lambda: [w for w in live.ready("decode") if w["worker_id"] not in first_decode

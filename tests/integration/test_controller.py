@@ -13,8 +13,9 @@ import pytest
 import ray
 
 from pdserve.controller.deploy import build
+from pdserve.live.poll import wait_for
 from tests.conftest import serve_config
-from tests.integration.load import Load, reference, wait_for
+from tests.integration.load import Load, reference
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

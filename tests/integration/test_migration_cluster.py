@@ -15,8 +15,8 @@ import ray
 
 from pdserve import LLM, SamplingParams
 from pdserve.controller.deploy import build
+from pdserve.live.poll import wait_for
 from tests.conftest import serve_config
-from tests.integration.load import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ import pytest
 import ray
 
 from pdserve.controller.deploy import build
+from pdserve.live.poll import wait_for
 from tests.conftest import serve_config
-from tests.integration.load import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Prefix-aware routing on the real system: `pdserve serve` (4 prefill + 2 decode workers) once per routing
 policy, the same multi-turn chat workload against each; prefix hit rate, TTFT, E2E, throughput and the
-scheduler's own counters from /metrics, side by side with ratios to round_robin.
+router's own counters from /metrics, side by side with ratios to round_robin.
 
 Workload: `--groups` system prompts of `--system-tokens` tokens; `--conversations` chats spread over the
 groups, `--turns` turns each; turn k's prompt = turn k-1's prompt + its answer (the token ids the server
@@ -12,7 +12,7 @@ system prompt (32 blocks), the histories of the chats it serves (up to ~80 block
 time with 8 clients) and its prompts in flight: about 350 blocks. Without affinity every worker needs every
 system prompt and every active history (4 x 32 + 8 x 80, plus in flight: ~900). 512 holds the first and not
 the second. The same number sizes the decode workers, which run up to 8 sequences of ~85 blocks between
-them: at 384 the scheduler found both decode workers full now and then (a few 429s per run).
+them: at 384 the router found both decode workers full now and then (a few 429s per run).
 
     python bench/prefix_routing.py                             # prefix_aware vs round_robin, demo model
     python bench/prefix_routing.py --policies all --model random
@@ -54,7 +54,7 @@ COUNTERS = (
 
 
 def counters(server: Server, url: str) -> dict[tuple, float]:
-    """Request counters from the frontend; routing, scheduler and per-worker prefix-cache counters from the
+    """Request counters from the frontend; routing, router and per-worker prefix-cache counters from the
     controller's own /metrics."""
     both = scrape_now(url) | scrape_now(server.controller_url)
     return {k: v for k, v in both.items() if k[0] in COUNTERS}
@@ -105,7 +105,7 @@ def summarize(turns: list[Turn], wall: float, before: dict, after: dict) -> dict
         },
         "routing_decisions": decisions,
         "disaggregation_decisions": by("pdserve_disaggregation_decisions_total", "decision"),
-        "scheduler_decision_mean_us": 1e6 * total("pdserve_router_decision_seconds_sum") / max(1, count),
+        "router_decision_mean_us": 1e6 * total("pdserve_router_decision_seconds_sum") / max(1, count),
         "ttft": percentiles([t.ttft for t in ok if t.ttft is not None]),
         "e2e": percentiles([t.e2e for t in ok]),
     }
@@ -142,7 +142,7 @@ def run_policy(policy: str, served: list[str], args, log_dir: Path) -> dict:
             }
         )
         asyncio.run(run_chats(url, model, warm))  # unrelated prompts: every worker runs its first steps
-        time.sleep(1.0)  # the workers' load reports and KV events of the warm-up reach the scheduler
+        time.sleep(1.0)  # the workers' load reports and KV events of the warm-up reach the router
         before = counters(server, url)
         turns, wall, digest = asyncio.run(run_chats(url, model, args))
         time.sleep(0.5)
@@ -179,7 +179,7 @@ ROWS = [
     ("req/s", lambda s: s["request_throughput"]),
     ("prompt tok/s", lambda s: s["prompt_throughput"]),
     ("output tok/s", lambda s: s["output_throughput"]),
-    ("sched. decision mean (us)", lambda s: s["scheduler_decision_mean_us"]),
+    ("router decision mean (us)", lambda s: s["router_decision_mean_us"]),
     ("disaggregated share", lambda s: s["disaggregation_decisions"].get("disaggregated", 0) / max(1, s["ok"])),
     ("429 retries", lambda s: s["retries_429"]),
     ("ok / requests", lambda s: f"{s['ok']}/{s['requests']}"),

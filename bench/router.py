@@ -1,4 +1,4 @@
-"""Global scheduler cost: routing decisions in-process (every policy side by side) and through the Ray actor.
+"""Router cost: routing decisions in-process (every policy side by side) and through the Ray actor.
 
 Workload: synthetic multi-turn chats with chained block hashes from pdserve.hashing (64 system prompts of
 512-1024 tokens; each turn appends an answer and a user message; prompts 16-256 blocks). 64 simulated
@@ -254,7 +254,7 @@ def main() -> None:
         "loadavg_start": load0,
         "loadavg_end": os.getloadavg(),
     }
-    print(f"wrote {write_json('scheduler', payload)}")
+    print(f"wrote {write_json('router', payload)}")
 
 
 if __name__ == "__main__":

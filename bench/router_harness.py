@@ -1,4 +1,4 @@
-"""The scheduler benchmark's harness: a synthetic multi-turn workload of block hashes, simulated workers that
+"""The router benchmark's harness: a synthetic multi-turn workload of block hashes, simulated workers that
 cache what is routed to them and report load and KV events, and timing helpers (bench/router.py)."""
 
 from __future__ import annotations

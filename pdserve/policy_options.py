@@ -1,5 +1,5 @@
 """The typed options of each routing policy (`routing.policy_options`), one frozen pydantic model per policy:
-an unknown key or a bad value is an error naming it. Torch- and scheduler-free, so the config tree validates
+an unknown key or a bad value is an error naming it. Torch- and router-free, so the config tree validates
 the options at load and `pdserve.router.policies` builds each policy from an instance of its model."""
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class PeerInfo(msgspec.Struct, frozen=True, kw_only=True):
     agent_metadata: bytes = b""  # the transport's own connection blob (NIXL agent metadata)
 
 
-# ---- worker and scheduler messages ------------------------------------------------------------------
+# ---- worker and router messages ------------------------------------------------------------------
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):
@@ -313,7 +313,7 @@ class Route(msgspec.Struct, kw_only=True):
     reason: str = ""  # why this prefill placement: disaggregated, decode_has_prefix, prefill_saturated, ...
     policy_reason: str = ""  # the policy's own reason for its pick (prefix_hit, load, ...)
     predicted_cached_tokens: int = 0  # prompt tokens the index expects the prefilling worker to have cached
-    decision_s: float = 0.0  # time the scheduler spent deciding
+    decision_s: float = 0.0  # time the router spent deciding
 
 
 class KVEventBatch(msgspec.Struct, kw_only=True):

@@ -115,7 +115,7 @@ class _WorkerActor:
 
 def _exit_process(error: BaseException) -> None:
     """A broken engine ends its actor's process: Ray reports the death to every caller and to the
-    scheduler's and frontends' watchers, and the worker never takes a request it cannot serve."""
+    router's and frontends' watchers, and the worker never takes a request it cannot serve."""
     logging.getLogger(__name__).critical("worker process exits: its engine failed (%r)", error)
     logging.shutdown()
     sys.stdout.flush()

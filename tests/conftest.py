@@ -71,6 +71,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(f"CI=true and {', '.join(missing)} not on PATH: CI must install it ({how})", pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny ops (the demo model, many steps): one intra-op thread is faster, and is not stalled
+    by other jobs on the cores. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, arch: str, **kwargs) -> Path:
     return build_hf_model(tmp_path_factory.mktemp(name), arch, **kwargs)
 

@@ -146,14 +146,14 @@ class Simulation:
                     waiting.append(req)
                 continue
             req.blocks = blocks
-            decode.num_held += 1
+            decode.num_pulling += 1
             req.transfer_tokens = req.trace.num_prompt_tokens - hit * bs
             self.at(now + self.model.transfer_s(req.transfer_tokens), self._transferred, req, hit)
         decode.imports = waiting
 
     def _transferred(self, now: float, req: SimRequest, hit: int) -> None:
         decode = self.workers[req.decode_worker]
-        decode.num_held -= 1
+        decode.num_pulling -= 1
         decode.cache.store(req.blocks, list(req.trace.block_hashes[hit:]))
         self._release_prefill(req, now)
         req.remaining, req.context = req.trace.max_tokens - 1, req.trace.num_prompt_tokens + 1

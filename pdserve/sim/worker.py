@@ -63,7 +63,8 @@ class SimWorker:
         self.prefilling: list[SimRequest] = []
         self.decoding: list[SimRequest] = []
         self.imports: list[SimRequest] = []  # prefilled elsewhere, waiting for blocks here
-        self.num_held = 0  # prefill: finished prefills under lease; decode: transfers in flight
+        self.num_held = 0  # prefill: finished prefills whose blocks are held under a lease (as the engine's)
+        self.num_pulling = 0  # decode: imports with blocks reserved, their KV on the way
         self.plan: Plan | None = None
         self.version = 0
         self.epoch, self.seq = f"{worker_id}-epoch", 0
@@ -212,7 +213,8 @@ class SimWorker:
 
     def idle(self) -> bool:
         """Nothing queued, running, importing or held under a lease: a draining worker may stop."""
-        return not (self.plan or self.waiting or self.prefilling or self.decoding or self.imports or self.num_held)
+        busy = self.plan or self.waiting or self.prefilling or self.decoding or self.imports
+        return not (busy or self.num_held or self.num_pulling)
 
     # ---- reports ---------------------------------------------------------------------------------
     def stats(self, now: float) -> WorkerStats:
@@ -227,7 +229,8 @@ class SimWorker:
             num_waiting=len(self.waiting),
             # as the engine reports it: requests routed before the next report start at once in these
             num_free_slots=max(0, self.max_num_seqs - len(self.prefilling) - len(self.decoding) - len(self.waiting)),
-            num_held=self.num_held + len(self.imports),
+            num_held=self.num_held,
+            num_importing=len(self.imports) + self.num_pulling,
             num_free_blocks=free,
             num_blocks=self.cache.num_blocks,
             kv_usage=1.0 - free / self.cache.num_blocks,

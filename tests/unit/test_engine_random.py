@@ -11,7 +11,6 @@ from functools import cache
 
 import msgspec
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -24,13 +23,7 @@ MAX_TOKENS = 12
 ROLES = ["colocated", "prefill", "migrate"]  # migrate: colocated on A, moved to B while decoding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The ops here are tiny: one intra-op thread is faster, and is not stalled by other jobs on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)

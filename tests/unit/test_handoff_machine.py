@@ -6,7 +6,9 @@ reserve, pulls start / finish / fail, confirmations arrive, clients abort on eit
 dies, a migration's stage or final stage times out. After every rule: no block a pull reads or writes is free
 or anyone else's; every block's references are those the live requests and the records hold; at most
 `max_num_seqs` run. At the end, everything drained: no record, no request, no referenced block, and greedy
-outputs of the requests that finished equal an undisturbed run's."""
+outputs of the requests that finished equal an undisturbed run's. Three machines: the base one, a tight receiver,
+and a receiver whose free pool holds cached prefixes that imports reuse while other work squeezes the pool.
+`python -m tests.put_back_races` puts each historic race back and checks that one of them fails."""
 
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pdserve.config import EngineConfig, MigrationConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
 from pdserve.handoff import Handoff, LocalPeer
+from pdserve.hashing import block_hashes, root_hash
 from pdserve.kv.transport import KVTransferError
 from pdserve.protocol import KVHandoff, SamplingParams
 from pdserve.workers.outbox import Outboxes
@@ -45,12 +47,7 @@ EXPECTED_TEXT = ("dropped while staging", "admission bound", "staged")
 RARELY = st.integers(0, 3).map(lambda n: n == 0)  # destructive events: one draw in four
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class QueuedEngine:
@@ -184,6 +181,7 @@ class HandoffMachine(RuleBasedStateMachine):
         self.imports: dict[str, asyncio.Task] = {}
         self.messages: dict[str, list] = {}  # migration id -> its stages and final, as sent
         self.sent: dict[str, KVHandoff] = {}  # every handoff made, by request id (the receiver reads its deadline)
+        self.occupied: list[int] = []  # R's blocks held by other work (see `occupy`)
 
     # ---- driving -----------------------------------------------------------------------------------
     def settle(self) -> None:
@@ -374,6 +372,7 @@ class HandoffMachine(RuleBasedStateMachine):
             else:
                 for stg in self.hr.receiver.staging.values():
                     held.update(stg.blocks)
+                held.update(self.occupied)
             for b in eng.blocks.blocks:
                 # a release may still be queued for the engine: then it holds more, never less
                 assert b.ref_cnt >= held[b.block_id], f"{side}: block {b.block_id} freed while held {held[b.block_id]}x"
@@ -398,6 +397,8 @@ class HandoffMachine(RuleBasedStateMachine):
     # ---- the end: drain, then nothing is left ------------------------------------------------------
     def teardown(self):
         try:
+            self.r.blocks.free(self.occupied)
+            self.occupied = []
             for _ in range(400):
                 if not (self.transfers or self.confirms or self.handoffs or self.calls or self.se.queue
                         or self.re.queue or self.s.has_unfinished() or self.r.has_unfinished()
@@ -446,6 +447,60 @@ class TightHandoffMachine(HandoffMachine):
     MAX_REQUESTS = 8
 
 
+class ReuseHandoffMachine(TightHandoffMachine):
+    """A receiver that has served both shared prefixes before, whose free pool other work keeps at the edge:
+    imports reuse cached blocks that sit in the free pool, with barely enough room (or not) for the rest."""
+
+    MAX_REQUESTS = 10
+
+    @initialize()
+    def warm_receiver_cache(self):
+        for prefix in range(len(PREFIXES)):
+            self.add("local", prefix, [60 + prefix, 61, 62, 63])
+            while self.r.has_unfinished():
+                self.step("r")
+
+    @rule(leave=st.integers(0, 3))
+    def occupy(self, leave):
+        """Other work at R takes its free blocks until `leave` are left. The pool hands out the blocks freed
+        longest ago first, so a finished request's cached prefix stays among the last free ones."""
+        self.occupied += self.r.blocks.allocate(max(self.r.blocks.num_free_blocks - leave, 0))
+
+    @precondition(lambda self: self.occupied)
+    @rule()
+    def release_occupied(self):
+        self.r.blocks.free(self.occupied)
+        self.occupied = []
+
+    @precondition(lambda self: self.handoffs)
+    @rule(short=st.booleans())
+    def squeeze_then_import(self, short):
+        """Other work at R takes free blocks until what is left fits the import that reuses the most free
+        cached blocks exactly (those blocks and the new ones it needs), or one block less; then it starts."""
+        pool = self.r.blocks
+
+        def plan(h: KVHandoff) -> tuple[list[int], int]:  # the free cached blocks it reuses, the new ones
+            rec = h.request
+            tokens = [*rec.prompt_token_ids, *rec.output_token_ids]
+            root = root_hash(self.r.model_id, rec.cache_salt)
+            hashes = block_hashes(tokens, BS, root)[: rec.num_computed_tokens // BS]
+            cached = pool.cached_prefix(hashes, tokens, root)
+            return [b for b in cached if pool.blocks[b].ref_cnt == 0], -(-rec.num_computed_tokens // BS) - len(cached)
+
+        i = max(range(len(self.handoffs)), key=lambda i: len(plan(self.handoffs[i])[0]))
+        reused, new = plan(self.handoffs[i])
+        pool.touch(reused)  # kept out of the other work's way, then put back last in eviction order
+        self.occupied += pool.allocate(max(pool.num_free_blocks - (new - short), 0))
+        pool.free(reused)
+        self.start_import(i)
+
+    @rule(side=st.sampled_from(["s", "r"]))
+    def step_engine_ten_times(self, side):
+        """Enough for a request to finish and leave its prefix cached and free."""
+        for _ in range(10):
+            self.step(side)
+
+
 SETTINGS = settings(
     max_examples=60,
     stateful_step_count=50,
@@ -454,6 +509,8 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-HandoffMachine.TestCase.settings = TightHandoffMachine.TestCase.settings = SETTINGS
+for machine in (HandoffMachine, TightHandoffMachine, ReuseHandoffMachine):
+    machine.TestCase.settings = SETTINGS
 test_handoff_machine = HandoffMachine.TestCase
 test_handoff_machine_tight = TightHandoffMachine.TestCase
+test_handoff_machine_reuse = ReuseHandoffMachine.TestCase

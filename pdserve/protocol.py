@@ -139,10 +139,14 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     head_dim: int
     num_blocks: int
     block_bytes: int  # one block, all layers, K and V: contiguous in the block-major cache
+    # "cpu" | "cuda": a request's RNG state (carried by a handoff or a migration) is a device generator's,
+    # whose format differs between device types, so a CPU engine and a GPU engine are not peers
+    device_type: str = "cpu"
 
     def mismatch(self, other: KVLayout) -> str | None:
         """A sentence naming the first field that differs (num_blocks may differ), or None."""
-        for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_bytes"):
+        fields = ("model_id", "device_type", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim")
+        for name in (*fields, "block_bytes"):
             if getattr(self, name) != getattr(other, name):
                 return (
                     f"KV layout mismatch: {name} is {getattr(self, name)!r} here, {getattr(other, name)!r} at the peer"

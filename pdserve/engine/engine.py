@@ -99,7 +99,7 @@ class LLMEngine:
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
         )
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed)  # sampling draws on the logits' device
         root = root_hash(self.model_id, cache_salt)
         return Request(request_id, prompt_token_ids, params, role, detok, generator, root, cache_salt)
 

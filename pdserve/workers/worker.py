@@ -432,6 +432,7 @@ def _layout(engine: LLMEngine) -> KVLayout:
     num_blocks, num_layers, _, block_size, heads, head_dim = kv.shape
     return KVLayout(
         model_id=engine.model_id,
+        device_type=kv.device.type,
         dtype=str(kv.dtype).removeprefix("torch."),
         block_size=block_size,
         num_layers=num_layers,

@@ -1,6 +1,7 @@
 """Engine mechanics on the embedded demo model: prefix cache, eviction, preemption, handoff, leaks."""
 
 import pytest
+import torch
 
 from pdserve import LLM, SamplingParams
 from pdserve.engine.engine import LLMEngine, OutOfKVBlocks
@@ -235,3 +236,19 @@ def test_queued_prefill_tokens_leave_out_the_cached_prefix():
     out = run_to_end(eng, ["b", "c"])
     assert all(len(v) == GREEDY.max_tokens for v in out.values())
     eng.blocks.check_no_leak()
+
+
+def test_a_requests_generator_is_on_the_engines_device():
+    """Sampling draws noise on the logits' device with the request's generator, so the generator lives there (a
+    CPU generator with CUDA logits raises in the step). Its state, exported with a handoff, is restored on the
+    peer's generator (test_prefill_export_import_decode_continues_exactly checks the tokens that follow)."""
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)
+    src, dst = LLMEngine(_cfg()), LLMEngine(_cfg())
+    src.add_request("r", prompt(9), params, role="prefill")
+    while not src.step():
+        pass
+    record, _ = src.handoff.export_request("r")
+    dst.handoff.import_request(record)
+    for eng in (src, dst):
+        assert eng.requests["r"].generator.device == eng.device
+    assert torch.equal(dst.requests["r"].generator.get_state(), src.requests["r"].generator.get_state())

@@ -137,7 +137,10 @@ def test_add_peer_is_idempotent(pair):
     assert torch.equal(receiver.kv_cache[1], sender.kv_cache[1])
 
 
-@pytest.mark.parametrize("field, value", [("head_dim", 64), ("model_id", "other"), ("dtype", "bfloat16")])
+MISMATCHES = [("head_dim", 64), ("model_id", "other"), ("dtype", "bfloat16"), ("device_type", "cuda")]
+
+
+@pytest.mark.parametrize("field, value", MISMATCHES)
 def test_layout_mismatch_names_the_field(kind, field, value):
     receiver = transport(kind, 8, seed=0)
     other = layout(8, **{field: value})

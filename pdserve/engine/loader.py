@@ -6,6 +6,7 @@ Every problem with the directory is a ValueError that names the file or weight a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +35,48 @@ def load(path: str | None, dtype: torch.dtype, device: torch.device, max_model_l
 
         tensors = demo_state_dict(info.config)
     else:
-        tensors = _read_weights(Path(path))
+        tensors = SafetensorsWeights(Path(path), device)
     model = build_model(info.config, dtype, device, info.max_model_len)
     load_state(model, tensors)
     return LoadedModel(model, info)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping):
+    """A checkpoint's tensors by name, each read from its safetensors file when indexed, straight onto the
+    device (safetensors maps the file; no whole-checkpoint copy in host memory). Problems with the files are
+    ValueErrors naming the file."""
 
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self._error = SafetensorError
+        self._device = str(device)
+        self._files: dict[str, Path] = {}  # tensor name -> its file
+        for file in _weight_files(path):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    self._files.update(dict.fromkeys(f.keys(), file))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"cannot read safetensors file {file}: {e}") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._files[name]
+        try:
+            with safe_open(str(file), framework="pt", device=self._device) as f:
+                return f.get_tensor(name)
+        except (self._error, OSError) as e:
+            raise ValueError(f"cannot read {name} from safetensors file {file}: {e}") from None
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -54,15 +87,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise ValueError(f"safetensors shard(s) listed in {index.name} are missing: {', '.join(missing)}")
-        paths = [path / f for f in files]
-    else:
-        paths = sorted(path.glob("*.safetensors"))
-        if not paths:
-            raise ValueError(f"no *.safetensors weights found in {path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in paths:
-        try:
-            tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read safetensors file {file}: {e}") from None
-    return tensors
+        return [path / f for f in files]
+    paths = sorted(path.glob("*.safetensors"))
+    if not paths:
+        raise ValueError(f"no *.safetensors weights found in {path}")
+    return paths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from pdserve.engine.models.llama import LlamaForCausalLM, ModelSpec
@@ -53,14 +55,15 @@ def build_model(config, dtype: torch.dtype, device: torch.device, max_positions:
     spec = spec_from_config(config)
     inv_freq, scaling = rope_frequencies(config, spec.head_dim)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec)
-    model = model.to_empty(device=device).to(dtype=dtype).eval()
+        model = LlamaForCausalLM(spec).to(dtype=dtype)  # no memory yet: the parameters are allocated once,
+    model = model.to_empty(device=device).eval()  # in the target dtype on the device (no float32 copy to cast)
     model.set_rope(inv_freq, scaling, max_positions)
     return model
 
 
-def load_state(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the model; missing or misshapen weights are errors naming the key."""
+def load_state(model: LlamaForCausalLM, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into the model; missing or misshapen weights are errors naming the key.
+    `tensors` may read each tensor when indexed (see loader.SafetensorsWeights): one is held at a time."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     if missing:

@@ -48,7 +48,16 @@ class EngineConfig(Section):
     device: str = Field("cpu", description="cpu, or cuda[:N] (one GPU per worker)")
     block_size: int = Field(16, gt=0, description="tokens per KV block")
     num_kv_blocks: int | None = Field(None, ge=2, description="KV cache blocks per engine (default: by memory)")
-    kv_cache_memory: int | None = Field(None, gt=0, description="KV cache bytes (default: 512 MiB CPU, 85% GPU)")
+    kv_cache_memory: int | None = Field(
+        None, gt=0, description="KV cache bytes (default: 512 MiB on CPU; on a GPU, by gpu_memory_utilization)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="share of the GPU's memory this engine may use: weights, the largest step's activations "
+        "(measured by a profile step at start-up) and the KV cache, which gets the rest",
+    )
     max_model_len: int | None = Field(None, gt=0, description="context length (default: the model's)")
     max_num_seqs: int = Field(128, gt=0, description="requests batched per step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per step; longer prompts are chunked")

@@ -15,7 +15,6 @@ from pdserve.engine.models.llama import LlamaForCausalLM
 from pdserve.engine.sequence import Request
 
 _DEFAULT_CPU_KV_BYTES = 512 << 20
-_GPU_KV_FRACTION = 0.85
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -30,7 +29,7 @@ def num_kv_blocks(config: EngineConfig, model: LlamaForCausalLM, max_model_len: 
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * _GPU_KV_FRACTION)
+        budget = _profiled_gpu_budget(config, model, max_model_len, device)
     else:
         enough = config.max_num_seqs * -(-max_model_len // config.block_size) * per_block
         budget = min(_DEFAULT_CPU_KV_BYTES, enough)
@@ -38,6 +37,51 @@ def num_kv_blocks(config: EngineConfig, model: LlamaForCausalLM, max_model_len: 
     if blocks < 2:
         raise ValueError(f"a KV cache budget of {budget} bytes holds fewer than 2 blocks of {per_block} bytes")
     return blocks
+
+
+def gpu_kv_budget(total: int, free: int, activation_peak: int, utilization: float) -> int:
+    """KV bytes on a GPU: `utilization` of its `total` memory, less what is in use once the weights are loaded and
+    the allocator's cache is released (`total - free`: weights, the CUDA context, any other process), less the
+    largest step's activations (`activation_peak`, measured)."""
+    return int(total * utilization) - (total - free) - activation_peak
+
+
+def profile_step(
+    model: LlamaForCausalLM, config: EngineConfig, max_model_len: int, device: torch.device
+) -> tuple[int, int]:
+    """Run the largest step this engine can schedule, on a throwaway KV cache just big enough: a full token
+    budget (`max_num_batched_tokens`, within the context length) over as many sequences as may produce logits.
+    Returns (tokens computed, logits rows)."""
+    n = min(config.max_num_batched_tokens, max_model_len * config.max_num_seqs)
+    seqs = min(config.max_num_seqs, n)
+    lens = [n // seqs + (i < n % seqs) for i in range(seqs)]
+    lens = [min(length, max_model_len) for length in lens]
+    bs, reqs, first = config.block_size, [], 0
+    for length in lens:
+        nb = -(-length // bs)
+        reqs.append(_ProfileRequest(length, list(range(first, first + nb))))
+        first += nb
+    logits, _ = ModelRunner(model, config, first, device).execute(reqs, lens)
+    return sum(lens), logits.shape[0]
+
+
+class _ProfileRequest:
+    """The fields of a Request that ModelRunner.execute reads: a whole prompt of token 0, not yet computed."""
+
+    def __init__(self, length: int, block_ids: list[int]) -> None:
+        self.num_computed_tokens, self.num_tokens, self.block_ids = 0, length, block_ids
+        self.all_token_ids = [0] * length
+
+
+def _profiled_gpu_budget(config: EngineConfig, model: LlamaForCausalLM, max_model_len: int, device) -> int:
+    torch.cuda.empty_cache()  # cached (freed) blocks count as used in mem_get_info
+    free, total = torch.cuda.mem_get_info(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    profile_step(model, config, max_model_len, device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return gpu_kv_budget(total, free, peak, config.gpu_memory_utilization)
 
 
 class ModelRunner:

@@ -54,8 +54,7 @@ def profile_step(
     Returns (tokens computed, logits rows)."""
     n = min(config.max_num_batched_tokens, max_model_len * config.max_num_seqs)
     seqs = min(config.max_num_seqs, n)
-    lens = [n // seqs + (i < n % seqs) for i in range(seqs)]
-    lens = [min(length, max_model_len) for length in lens]
+    lens = [n // seqs + (i < n % seqs) for i in range(seqs)]  # each within max_model_len, as n is
     bs, reqs, first = config.block_size, [], 0
     for length in lens:
         nb = -(-length // bs)

@@ -62,8 +62,16 @@ class EngineConfig(Section):
     max_num_seqs: int = Field(128, gt=0, description="requests batched per step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per step; longer prompts are chunked")
     enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "torch"] = Field(
-        "auto", description="attention kernels: torch (the reference), or auto (torch until FlashInfer lands)"
+    attention_backend: Literal["auto", "torch", "flashinfer_reference", "flashinfer"] = Field(
+        "auto",
+        description="attention kernels: torch (the reference), flashinfer (CUDA; not yet verified on a GPU), "
+        "flashinfer_reference (plain torch over FlashInfer's paged format: the kernels' oracle), or auto (torch "
+        "until a GPU run has verified flashinfer)",
+    )
+    cuda_graphs: bool | None = Field(
+        None,
+        description="decode at fixed batch sizes from static buffers, captured as CUDA graphs (default: on CUDA "
+        "when the attention backend can be captured, i.e. flashinfer; true on CPU runs the same path uncaptured)",
     )
     seed: int = Field(0, description="seed for requests that carry none")
 

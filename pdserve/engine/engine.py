@@ -35,7 +35,7 @@ class LLMEngine:
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         blocks = num_kv_blocks(config, loaded.model, info.max_model_len, self.device)
-        self.runner = ModelRunner(loaded.model, config, blocks, self.device)
+        self.runner = ModelRunner(loaded.model, config, blocks, self.device, info.max_model_len)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}

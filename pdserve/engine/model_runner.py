@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from pdserve.config import EngineConfig
-from pdserve.engine.attention import AttentionBatch, get_backend
+from pdserve.engine.attention import get_backend
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.loader import torch_dtype
 from pdserve.engine.models.llama import LlamaForCausalLM
 from pdserve.engine.sequence import Request
+from pdserve.engine.step_inputs import StepInputBuilder, StepInputs
 
 _DEFAULT_CPU_KV_BYTES = 512 << 20
 
@@ -84,52 +86,40 @@ def _profiled_gpu_budget(config: EngineConfig, model: LlamaForCausalLM, max_mode
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int, device: torch.device) -> None:
+    """`kv_cache` is the pool the block manager hands out (`num_blocks` blocks, what transports move); the
+    tensor the model writes is one block longer: the last block is the null block that padding rows of a
+    static-shape (CUDA graph) decode step write to and read, and no request ever owns."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        num_blocks: int,
+        device: torch.device,
+        max_model_len: int | None = None,  # None: no static decode path (a profile step's throwaway runner)
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = config.block_size
-        self.backend = get_backend(config.attention_backend, device)
+        dtype = torch_dtype(config.dtype)
+        self.backend = get_backend(config.attention_backend, device, model.spec, dtype, config.block_size)
         s = model.spec
-        shape = (num_blocks, s.num_layers, 2, config.block_size, s.num_kv_heads, s.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=torch_dtype(config.dtype), device=device)
+        shape = (num_blocks + 1, s.num_layers, 2, config.block_size, s.num_kv_heads, s.head_dim)
+        self._kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_cache = self._kv[:num_blocks]
+        self.null_block = num_blocks
+        self.inputs = StepInputBuilder(device, config.block_size)
+        self.graphs = DecodeGraphs.create(self, config, max_model_len)
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Run one step; returns logits for the requests whose last token was computed, and their indices."""
-        bs = self.block_size
-        ids, positions, slot_blocks, logits_rows, sampled = [], [], [], [], []
-        query_lens, context_lens, tables = [], [], []
-        row = 0
-        for i, (req, n) in enumerate(zip(requests, num_new_tokens)):
-            start = req.num_computed_tokens
-            ids += req.all_token_ids[start : start + n]
-            pos = range(start, start + n)
-            positions += pos
-            slot_blocks += [req.block_ids[p // bs] for p in pos]
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(req.block_ids)
-            row += n
-            if start + n == req.num_tokens:
-                logits_rows.append(row - 1)
-                sampled.append(i)
-        dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        batch = AttentionBatch(
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=tables,
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
-            slot_offsets=pos_t % bs,
-            block_size=bs,
-        )
-        meta = self.backend.prepare(batch, dev)
-        logits = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            pos_t,
-            self.kv_cache,
-            self.backend,
-            meta,
-            torch.tensor(logits_rows, dtype=torch.long, device=dev),  # may be empty: a step of prefill chunks only
-        )
-        return logits, sampled
+        if self.graphs is not None and self.graphs.fits(requests, num_new_tokens):
+            return self.graphs.run(requests)
+        step = self.inputs.build(requests, num_new_tokens)
+        return self.forward(step), step.sampled
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        meta = self.backend.prepare(step.attention, self.device)
+        # logits_indices may be empty: a step of prefill chunks only
+        return self.model(step.input_ids, step.positions, self._kv, self.backend, meta, step.logits_indices)

@@ -158,3 +158,32 @@ def _chat_ids(tokenizer, messages) -> list[int]:
     if not isinstance(ids, list):  # transformers 5 may hand back a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+@pytest.mark.parametrize(
+    "fixture,options",
+    [
+        ("llama_dir", {"attention_backend": "flashinfer_reference"}),
+        ("qwen3_dir", {"attention_backend": "flashinfer_reference"}),  # grouped-query heads
+        ("qwen3_dir", {"cuda_graphs": True}),  # static buffers and padding, uncaptured on CPU
+        ("llama_dir", {"cuda_graphs": True, "attention_backend": "flashinfer_reference"}),
+    ],
+)
+def test_other_attention_paths_keep_parity(fixture, options, request):
+    """Batched ragged prompts, chunked (mixed prefill/decode steps), then again from the prefix cache."""
+    model_dir = request.getfixturevalue(fixture)
+    prompts = prompts_for(BATCH_PROMPTS)
+    expected = [hf_greedy(model_dir, p, MAX_TOKENS) for p in prompts]
+    llm = make_llm(model_dir, max_num_batched_tokens=64, **options)
+    assert llm.engine.runner.backend.name == options.get("attention_backend", "torch")
+    first = llm.generate(prompts, greedy())
+    second = llm.generate(prompts, greedy())
+    assert [o.token_ids for o in first] == expected
+    assert [o.token_ids for o in second] == expected
+    assert second[-1].num_cached_tokens > 0
+    graphs = llm.engine.runner.graphs
+    if options.get("cuda_graphs"):
+        assert graphs.num_steps >= 2 * (MAX_TOKENS - 1) and graphs.num_replays == 0
+    else:
+        assert graphs is None
+    assert_idle(llm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,45 +45,39 @@ class TorchMeta:
 
 class TorchAttention:
     name = "torch"
+    graphable = False  # groups and masks depend on the step's lengths
 
     def prepare(self, batch: AttentionBatch, device: torch.device) -> TorchMeta:
-        bs = batch.block_size
-        decode_rows, tables, ctx = [], [], []
+        bs, qlens, kv_lens, table = batch.block_size, batch.query_lens, batch.kv_lens, batch.block_table
+        starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
         prefills = []
-        start = 0
-        for qlen, clen, table in zip(batch.query_lens, batch.context_lens, batch.block_tables):
-            if qlen == 1:
-                decode_rows.append(start)
-                tables.append(table)
-                ctx.append(clen)
-            elif clen == qlen:
+        for i in np.flatnonzero(qlens > 1).tolist():
+            start, qlen, clen = int(starts[i]), int(qlens[i]), int(kv_lens[i])
+            if clen == qlen:
                 prefills.append(_Prefill(start, qlen, clen, None, None))
-            else:
-                pos = torch.arange(clen - qlen, clen, device=device)
-                mask = torch.arange(clen, device=device)[None, :] <= pos[:, None]
-                nblocks = -(-clen // bs)
-                prefills.append(_Prefill(start, qlen, clen, torch.tensor(table[:nblocks], device=device), mask))
-            start += qlen
-        groups, group = [], []
-        for row, table, clen in sorted(zip(decode_rows, tables, ctx), key=lambda d: d[2]):
-            if group and clen > group[0][2] * _PAD_RATIO:
-                groups.append(group)
-                group = []
-            group.append((row, table, clen))
-        if group:
-            groups.append(group)
-        decodes = [self._decode_group(g, bs, device) for g in groups]
+                continue
+            pos = torch.arange(clen - qlen, clen, device=device)
+            mask = torch.arange(clen, device=device)[None, :] <= pos[:, None]
+            pages = torch.from_numpy(table[i, : -(-clen // bs)].astype(np.int64)).to(device)
+            prefills.append(_Prefill(start, qlen, clen, pages, mask))
+        decodes = []
+        seqs = np.flatnonzero(qlens == 1)
+        seqs = seqs[np.argsort(kv_lens[seqs], kind="stable")]
+        while len(seqs):  # groups by length: each group pads to its longest, at most _PAD_RATIO x its shortest
+            end = int(np.searchsorted(kv_lens[seqs], kv_lens[seqs[0]] * _PAD_RATIO, side="right"))
+            decodes.append(self._decode_group(seqs[:end], starts, kv_lens, table, bs, device))
+            seqs = seqs[end:]
         return TorchMeta(batch.slot_blocks, batch.slot_offsets, decodes, prefills)
 
     @staticmethod
-    def _decode_group(group, bs: int, device) -> _DecodeGroup:
-        length = group[-1][2]
-        max_blocks = -(-length // bs)
-        tables = [t[: -(-c // bs)] + [0] * (max_blocks - -(-c // bs)) for _, t, c in group]
-        lens = torch.tensor([c for _, _, c in group], device=device)
-        mask = (torch.arange(length, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        rows = torch.tensor([r for r, _, _ in group], device=device)
-        return _DecodeGroup(rows, torch.tensor(tables, device=device), mask, length)
+    def _decode_group(seqs, starts, kv_lens, table, bs: int, device) -> _DecodeGroup:
+        lens = kv_lens[seqs]
+        length = int(lens[-1])
+        tables = torch.from_numpy(table[seqs, : -(-length // bs)].astype(np.int64)).to(device)
+        lens_t = torch.from_numpy(lens).to(device)
+        mask = (torch.arange(length, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+        rows = torch.from_numpy(starts[seqs]).to(device)
+        return _DecodeGroup(rows, tables, mask, length)
 
     def forward(self, q, k, v, kv_layer, meta: TorchMeta, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]

@@ -485,7 +485,7 @@ def test_collective_either_side_may_start_first(serve_first):
 
 
 def test_collective_pull_without_a_serve_times_out_and_leaves_dst_alone():
-    sender, receiver = collective_pair()
+    sender, receiver = collective_pair(timeout_s=2.0)  # close() waits out the unanswered handshake
     try:
         before = receiver.kv_cache.clone()
         start = time.monotonic()
@@ -505,7 +505,7 @@ def test_collective_pull_without_a_serve_times_out_and_leaves_dst_alone():
 
 
 def test_collective_remove_fails_pending_and_re_adding_reconnects():
-    sender, receiver = collective_pair()
+    sender, receiver = collective_pair(timeout_s=2.0)  # close() waits out the unanswered handshake
     try:
         asyncio.run(pull_and_serve(sender, receiver, [0], [0], key=1))
         handle = receiver.start_pull(sender.name, [1], [1], 2)

@@ -5,6 +5,14 @@ a fixed actor list by the driver; pairs formed on demand let workers that join l
 A TCPStore client runs one call at a time on its socket, and `wait`/`get` hold it until the key appears. So
 no blocking call shares a connection with the handshakes: each pair has its own client (not rank 0's master
 object, which serves every pair), and each first arrival waits on a spare connection of the pair's.
+
+Liveness: a watcher thread per pair holds a recv on a Gloo group that nobody answers; it fails as soon as the
+pair's sockets close (the peer's process died, or either end closed the group), and then the group is killed,
+its data group aborted and its pending transfers woken. On CPU the watch group is the data group; on NCCL it is
+a second Gloo group on the pair's store (prefix "<generation>/watch"), since NCCL has no such signal.
+Bounds: the rendezvous and a handshake's wait take at most `timeout_s`, a posted send or recv at most
+`op_timeout_s` (`timeout_s` + its bytes at `min_bandwidth_bps`); an op past its bound fails its transfer and
+closes the pair, as does any committed transfer that fails on one end, so the other end never waits it out.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,20 +36,34 @@ from pdserve.kv.transport import KVTransferError, KVTransport, TransferState, ch
 from pdserve.protocol import KVLayout, PeerInfo
 
 _SENTINEL_TAG, _ABORT_TAG, _FIRST_TAG = 0, 1, 16  # data tags come from the pair's sequence, never a key
-_LONG = timedelta(days=30)  # a Gloo wait that times out closes the pair, so waits on committed ops are long
+_LONG = timedelta(days=30)  # the watcher's sentinel only: a Gloo wait that times out closes the pair
+_POLL_FIRST_S, _POLL_MAX_S = 50e-6, 1e-3  # a polled NCCL op's backoff
+
+
+def op_timeout_s(nbytes: int, timeout_s: float, min_bandwidth_bps: float) -> float:
+    """How long a posted send or recv of `nbytes` may take: the handshake's slack plus the bytes at the floor
+    bandwidth. Both ends are committed before either posts, so only a dead, stuck or starved pair exceeds it."""
+    return timeout_s + nbytes / min_bandwidth_bps
+
+
+class _OpTimeout(KVTransferError):
+    """A posted send or recv ran past `op_timeout_s`."""
 
 
 @dataclass(eq=False)
 class _Group:
     """One process group between us and a peer: rank 0 is the smaller name and hosts the store."""
 
-    pg: object
+    pg: object  # the data group: Gloo or NCCL
+    watch: object  # the Gloo group the watcher listens on: `pg` itself, or a second group beside an NCCL one
+    peer: str
     store: object  # the pair's store, prefixed with the generation: quick calls only, never a blocking wait
     peer_rank: int
     address: tuple[str, int, str]  # host, port and prefix of that store, to open more connections to it
     spare: list = field(default_factory=list)  # idle connections for handshake waits
     pending: set = field(default_factory=set)  # transfers past connect, to wake if the group dies
     dead: str | None = None
+    closed: bool = False  # `_close` has ended everything posted on both groups
     watcher: threading.Thread | None = None
     turn: int = 1  # serialized mode: the sequence number whose data op runs next
     turns: threading.Condition = field(default_factory=threading.Condition)
@@ -81,20 +104,42 @@ class CollectiveTransport(KVTransport):
     handshake in the pair's TCPStore (first arrival waits, second says "go", a cancel says "cancelled"), so a
     send or recv is posted only once both ends are committed and no Gloo wait is ever left orphaned.
 
-    Options: `timeout_s` bounds the pair's rendezvous and a handshake's wait for the other end;
-    `max_inflight` is the number of worker threads (each pending transfer holds one while it waits);
-    `serialize` runs a pair's transfers one at a time in the order of their sequence numbers, which both ends
-    share: on by default for NCCL, which ignores send/recv tags (concurrent ops would match in posting order).
+    Options: `timeout_s` bounds the pair's rendezvous, every store call and a handshake's wait for the other end;
+    `min_bandwidth_bps` (bytes/s, default 100 MB/s) is the floor below which a posted send or recv counts as
+    stuck: it fails after `op_timeout_s` = `timeout_s` + bytes / `min_bandwidth_bps`, and the pair is closed
+    (a timed-out pair is never reused; the next transfer forms a fresh group). NCCL's own watchdog, which by
+    default takes the process down when it fires, gets twice that bound for a transfer of the whole cache, so
+    ours always fires first. `max_inflight` is the number of worker threads (each pending transfer holds one
+    while it waits); `serialize` runs a pair's transfers one at a time in the order of their sequence numbers,
+    which both ends share: on by default for NCCL, which ignores send/recv tags (concurrent ops would match in
+    posting order). `_separate_watch_group` (private; always on for NCCL, off by default on CPU) gives the watcher
+    a Gloo group of its own, as NCCL needs, so that CPU tests run the NCCL path's structure; both ends must agree
+    (on NCCL they do: peers' layouts must name the same device type).
     """
 
     kind = "nccl"
     two_sided = True
 
-    def __init__(self, name: str, kv_cache, layout: KVLayout, *, timeout_s=10.0, max_inflight=8, serialize=None):
+    def __init__(
+        self,
+        name: str,
+        kv_cache,
+        layout: KVLayout,
+        *,
+        timeout_s=10.0,
+        min_bandwidth_bps=100e6,
+        max_inflight=8,
+        serialize=None,
+        _separate_watch_group=False,
+    ):
+        if not (timeout_s > 0 and min_bandwidth_bps > 0):
+            raise ValueError(f"timeout_s and min_bandwidth_bps must be > 0, got {timeout_s}, {min_bandwidth_bps}")
         super().__init__(name, kv_cache, layout)
         self._timeout = timedelta(seconds=timeout_s)
+        self._min_bandwidth = min_bandwidth_bps
         self._cuda = kv_cache.device.type == "cuda"
         self._serialize = self._cuda if serialize is None else serialize
+        self._separate_watch = self._cuda or bool(_separate_watch_group)
         self._blocks = kv_cache.view(layout.num_blocks, -1).view(torch.uint8)
         self._host = _node_ip()
         self._store = dist.TCPStore(self._host, 0, is_master=True, wait_for_workers=False, timeout=self._timeout)
@@ -194,6 +239,7 @@ class CollectiveTransport(KVTransport):
         return handle
 
     def _run(self, t: _Transfer) -> None:
+        group = seq = None
         try:
             group = t.group = self._connect(t.peer)
             if t.dst is None:  # a serve: copy its blocks out before the handshake
@@ -209,7 +255,8 @@ class CollectiveTransport(KVTransport):
             tag = _FIRST_TAG + seq % (2**31 - _FIRST_TAG)
             with self._turn(group, seq):
                 if t.dst is None:
-                    group.pg.send([payload], group.peer_rank, tag).wait(_LONG)
+                    work = group.pg.send([payload], group.peer_rank, tag)
+                    self._wait_op(group, work, payload.numel(), "send of {} bytes to")
                     self._sync()
                 else:
                     self._recv(group, t, tag)
@@ -217,7 +264,12 @@ class CollectiveTransport(KVTransport):
                 if t.state is TransferState.PENDING:
                     t.state = TransferState.DONE
         except Exception as e:
-            reason = t.group.dead if t.group is not None and t.group.dead else str(e) or type(e).__name__
+            if isinstance(e, _OpTimeout) or group is None or not group.dead:
+                reason = str(e) or type(e).__name__
+            else:
+                reason = group.dead
+            if seq is not None:  # committed on both ends: close the pair, so the other end fails now, not at its bound
+                self._close(group, reason)
             with t.lock:
                 if t.state is TransferState.PENDING:
                     t.state, t.error = TransferState.FAILED, reason
@@ -227,7 +279,8 @@ class CollectiveTransport(KVTransport):
 
     def _recv(self, group: _Group, t: _Transfer, tag: int) -> None:
         staging = torch.empty((len(t.src), self.layout.block_bytes), dtype=torch.uint8, device=self._blocks.device)
-        group.pg.recv([staging.view(-1)], group.peer_rank, tag).wait(_LONG)
+        work = group.pg.recv([staging.view(-1)], group.peer_rank, tag)
+        self._wait_op(group, work, staging.numel(), "recv of {} bytes from")
         self._sync()
         for suffix in "nsq":
             group.store.delete_key(f"{t.base}/{suffix}")
@@ -266,9 +319,16 @@ class CollectiveTransport(KVTransport):
         finally:
             group.spare.append(conn)
 
+    def _wait_op(self, group: _Group, work, nbytes: int, what: str) -> None:
+        bound = op_timeout_s(nbytes, self._timeout.total_seconds(), self._min_bandwidth)
+        _wait_op(group, work, bound, f"{what.format(nbytes)} peer {group.peer!r}", poll=self._cuda)
+
     @contextmanager
     def _turn(self, group: _Group, seq: int):
-        """Serialized mode: the pair's data ops run one at a time, in sequence order on both ends."""
+        """Serialized mode: the pair's data ops run one at a time, in sequence order on both ends.
+
+        The wait is bounded: the op holding the turn is, and a committed transfer that fails closes the group.
+        """
         if not self._serialize:
             yield
             return
@@ -301,42 +361,78 @@ class CollectiveTransport(KVTransport):
             self._last_gen[peer.pair] = gen
             prefix = f"{peer.pair}/{gen}"
             prefixed = dist.PrefixStore(prefix, store)
-            if self._cuda:
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = _LONG
-                pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
-            else:
-                pg = dist.ProcessGroupGloo(prefixed, rank, 2, self._timeout)
-            group = peer.group = _Group(pg, prefixed, 1 - rank, (host, port, prefix))
-            if not self._cuda:
-                group.watcher = threading.Thread(target=self._watch, args=(group,), name=f"kv-{self.name}-watch")
-                group.watcher.start()
+            watch = None
+            if self._separate_watch:  # formed first on both ends: each Gloo rendezvous waits for the other end
+                watch = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/watch", store), rank, 2, self._timeout)
+            try:
+                pg = self._data_group(prefixed, rank)
+            except Exception:
+                if watch is not None:
+                    _close_pair(watch, 1 - rank)
+                raise
+            group = _Group(pg, watch or pg, peer.info.name, prefixed, 1 - rank, (host, port, prefix))
+            group.watcher = threading.Thread(target=self._watch, args=(group,), name=f"kv-{self.name}-watch")
+            group.watcher.start()
+            peer.group = group  # after the watcher is set: `_drop_group` (from remove_peer, unlocked) joins it
             if peer.removed:  # remove_peer ran while we formed it: it may not have seen the group
                 self._drop_group(peer)
                 raise KVTransferError(f"peer {peer.info.name!r} was removed")
             return group
 
+    def _data_group(self, store, rank: int):
+        if not self._cuda:
+            return dist.ProcessGroupGloo(store, rank, 2, self._timeout)
+        options = dist.ProcessGroupNCCL.Options()
+        # NCCL's watchdog, which by default takes the process down when it fires: a backstop that must never
+        # beat `_wait_op`'s bound, so twice the bound of a transfer of the whole cache.
+        whole = op_timeout_s(self._blocks.numel(), self._timeout.total_seconds(), self._min_bandwidth)
+        options._timeout = timedelta(seconds=2 * whole)
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+
     def _watch(self, group: _Group) -> None:
-        """A recv nobody answers: it fails as soon as the pair closes (peer gone, or `_drop_group` here)."""
+        """A recv nobody answers on the watch group: it fails as soon as that pair closes (the peer's process
+        died, or either end's `_close`). Its wait is long on purpose: it is the pair's liveness signal however
+        long the pair stays idle, and `_close` ends it."""
         try:
-            group.pg.recv([torch.zeros(1, dtype=torch.uint8)], group.peer_rank, _SENTINEL_TAG).wait(_LONG)
+            group.watch.recv([torch.zeros(1, dtype=torch.uint8)], group.peer_rank, _SENTINEL_TAG).wait(_LONG)
+            reason = f"peer {group.peer!r} broke the watch protocol"  # nobody sends on the sentinel's tag
         except Exception as e:
-            group.kill(f"connection to the peer lost: {str(e).splitlines()[-1][:200]}")
+            reason = f"connection to peer {group.peer!r} lost: {_last_line(e)}"
+        self._close(group, reason)
         for t in list(group.pending):
             self._wake(group, t)
+
+    def _close(self, group: _Group, reason: str) -> None:
+        """Kill the group and end everything posted on it, the watcher's sentinel included; idempotent. The kill
+        comes first, so an op that an abort ends as if completed is still seen to have failed."""
+        group.kill(reason)
+        with group.turns:
+            if group.closed:
+                return
+            group.closed = True
+        if group.pg is not group.watch:
+            self._abort(group)
+        _close_pair(group.watch, group.peer_rank)
+
+    def _abort(self, group: _Group) -> None:
+        """End every op posted on a data group: NCCL's `abort` (torch >= 2.5) makes its kernels return; Gloo's
+        `abort` does nothing, but a wait that times out closes the pair."""
+        if not self._cuda:
+            _close_pair(group.pg, group.peer_rank)
+            return
+        abort = getattr(group.pg, "abort", None)
+        try:
+            if abort is not None:
+                abort()
+        except Exception:  # already aborted, or the communicator was never created
+            pass
 
     def _drop_group(self, peer: _Peer) -> None:
         group, peer.group = peer.group, None
         if group is None:
             return
-        group.kill("the group was closed")
+        self._close(group, "the group was closed")
         if group.watcher is not None:
-            try:  # a Gloo wait that times out closes the pair: the sentinel and any posted op fail at once
-                group.pg.recv([torch.zeros(1, dtype=torch.uint8)], group.peer_rank, _ABORT_TAG).wait(
-                    timedelta(milliseconds=1)
-                )
-            except Exception:
-                pass
             group.watcher.join()
 
     def _cancel(self, t: _Transfer, reason: str) -> None:
@@ -374,6 +470,45 @@ def _node_ip() -> str:
         return ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else "127.0.0.1"
     except Exception:
         return "127.0.0.1"
+
+
+def _wait_op(group: _Group, work, bound_s: float, what: str, poll: bool) -> None:
+    """Wait for a posted send or recv until it completes, the group dies or `bound_s` passes.
+
+    Gloo's `wait` takes the bound itself and fails at once when the pair closes (every kill goes through
+    `_close`, which closes it). NCCL's `wait` honours a timeout only from torch 2.6, so with `poll` the host polls
+    `is_completed` (a CUDA event query) and watches the group; an abort ends a posted NCCL op as if it had
+    completed, hence the check after the loop (the kill comes before the abort).
+    """
+    deadline = time.monotonic() + bound_s
+    delay = _POLL_FIRST_S
+    while poll and not work.is_completed():
+        if group.dead:
+            raise KVTransferError(group.dead)
+        if time.monotonic() >= deadline:
+            raise _OpTimeout(f"{what} timed out after {bound_s:.3g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX_S)
+    if poll and group.dead:
+        raise KVTransferError(group.dead)
+    try:
+        work.wait(timedelta(seconds=bound_s))  # polled: done already; it orders the current stream after the op
+    except Exception as e:
+        if time.monotonic() >= deadline - 0.01:  # Gloo timed it out (its clock, rounded to milliseconds)
+            raise _OpTimeout(f"{what} timed out after {bound_s:.3g} s") from e
+        raise KVTransferError(f"{what} failed: {_last_line(e)}") from e
+
+
+def _last_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+
+
+def _close_pair(pg, peer_rank: int) -> None:
+    """Close a Gloo group's pair: a wait that times out does, so the sentinel and any posted op fail at once."""
+    try:
+        pg.recv([torch.zeros(1, dtype=torch.uint8)], peer_rank, _ABORT_TAG).wait(timedelta(milliseconds=1))
+    except Exception:
+        pass
 
 
 def _probe(host: str, port: int, timeout_s: float) -> None:

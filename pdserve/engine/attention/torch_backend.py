@@ -49,7 +49,7 @@ class TorchAttention:
 
     def prepare(self, batch: AttentionBatch, device: torch.device) -> TorchMeta:
         bs, qlens, kv_lens, table = batch.block_size, batch.query_lens, batch.kv_lens, batch.block_table
-        starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
+        starts = batch.paged.qo_indptr.numpy()[:-1]
         prefills = []
         for i in np.flatnonzero(qlens > 1).tolist():
             start, qlen, clen = int(starts[i]), int(qlens[i]), int(kv_lens[i])
@@ -58,7 +58,7 @@ class TorchAttention:
                 continue
             pos = torch.arange(clen - qlen, clen, device=device)
             mask = torch.arange(clen, device=device)[None, :] <= pos[:, None]
-            pages = torch.from_numpy(table[i, : -(-clen // bs)].astype(np.int64)).to(device)
+            pages = torch.from_numpy(table[i, : -(-clen // bs)]).to(device)
             prefills.append(_Prefill(start, qlen, clen, pages, mask))
         decodes = []
         seqs = np.flatnonzero(qlens == 1)
@@ -73,9 +73,8 @@ class TorchAttention:
     def _decode_group(seqs, starts, kv_lens, table, bs: int, device) -> _DecodeGroup:
         lens = kv_lens[seqs]
         length = int(lens[-1])
-        tables = torch.from_numpy(table[seqs, : -(-length // bs)].astype(np.int64)).to(device)
-        lens_t = torch.from_numpy(lens).to(device)
-        mask = (torch.arange(length, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+        tables = torch.from_numpy(table[seqs, : -(-length // bs)]).to(device)
+        mask = torch.from_numpy(np.arange(length) < lens[:, None]).to(device)[:, None, None, :]
         rows = torch.from_numpy(starts[seqs]).to(device)
         return _DecodeGroup(rows, tables, mask, length)
 

@@ -6,12 +6,14 @@ batch (its static batching: every row decodes until the longest request is done;
 output tokens count as useful). Prints a table with pdserve/transformers ratios and writes JSON.
 
     python bench/engine.py [--num-prompts 64] [--quick]
+    python bench/engine.py --step-inputs    # the host time to build a step's inputs (bench/step_inputs.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,7 +65,13 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="small workload for a smoke run")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse/create the random model here")
+    ap.add_argument("--step-inputs", action="store_true", help="run bench/step_inputs.py instead")
     args = ap.parse_args()
+    if args.step_inputs:
+        from bench import step_inputs
+
+        sys.argv = sys.argv[:1]
+        return step_inputs.main()
     from transformers import AutoModelForCausalLM
 
     from pdserve import LLM

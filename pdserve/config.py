@@ -62,6 +62,12 @@ class EngineConfig(Section):
     max_num_seqs: int = Field(128, gt=0, description="requests batched per step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per step; longer prompts are chunked")
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="devices one engine spans (offline LLM on one host so far): rank 0 schedules and samples, "
+        "ranks 1..N-1 are processes it starts; must divide the attention heads",
+    )
     attention_backend: Literal["auto", "torch", "flashinfer_reference", "flashinfer"] = Field(
         "auto",
         description="attention kernels: torch (the reference), flashinfer (CUDA; not yet verified on a GPU), "
@@ -415,6 +421,11 @@ class ServeConfig(BaseSettings):
     def _consistent(self) -> ServeConfig:
         if self.kv.transport == "local" and self.pools.prefill:
             raise ValueError("kv.transport: 'local' moves KV only inside one process; use 'nixl' between workers")
+        if self.engine.tensor_parallel_size > 1:
+            raise ValueError(
+                "engine.tensor_parallel_size: tensor parallelism runs in the offline LLM only so far; "
+                "a deployment's workers are one device each"
+            )
         return self
 
     @classmethod

@@ -31,6 +31,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stops a tensor-parallel engine's other ranks (nothing to do at degree 1); idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def is_demo(self) -> bool:
         return self.engine.is_demo

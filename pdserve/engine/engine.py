@@ -27,15 +27,22 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
-        loaded = loader.load(config.model, loader.torch_dtype(config.dtype), self.device, config.max_model_len)
+        self.ranks = _start_ranks(config, self.device)
+        try:
+            tp = self.ranks.group if self.ranks else None
+            loaded = loader.load(config.model, loader.torch_dtype(config.dtype), self.device, config.max_model_len, tp)
+            blocks = num_kv_blocks(config, loaded.model, loaded.info.max_model_len, self.device)
+            blocks = self.ranks.group.min(blocks) if self.ranks else blocks  # every rank holds the same block ids
+        except BaseException:
+            self.close()
+            raise
         self.info = info = loaded.info
         self.model_id = info.model_id
         self.is_demo = info.is_demo
         self.tokenizer = info.tokenizer
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
-        blocks = num_kv_blocks(config, loaded.model, info.max_model_len, self.device)
-        self.runner = ModelRunner(loaded.model, config, blocks, self.device, info.max_model_len)
+        self.runner = ModelRunner(loaded.model, config, blocks, self.device, info.max_model_len, self.ranks)
         self.blocks = BlockManager(blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -129,6 +136,11 @@ class LLMEngine:
         self.scheduler.remove(req)
         self._finish(req, "abort")
         return True
+
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel engine; idempotent (nothing to do at degree 1)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def has_request(self, request_id: str) -> bool:
         """Whether `request_id` is live here (in any state: queued, running, held, importing)."""
@@ -272,3 +284,18 @@ def _role(role: Role | str) -> Role:
         return Role(role)
     except ValueError:
         raise ValueError(f"role must be one of {[r.value for r in Role]}, got {role!r}") from None
+
+
+def _start_ranks(config: EngineConfig, device: torch.device):
+    """Ranks 1..N-1 of a tensor-parallel engine, once the degree is known to fit the model."""
+    if config.tensor_parallel_size == 1:
+        return None
+    from pdserve.engine.models import spec_from_config
+    from pdserve.engine.parallel import check_degree
+    from pdserve.engine.tensor_parallel import Ranks
+    from pdserve.model_info import load_model_info
+
+    check_degree(
+        spec_from_config(load_model_info(config.model, config.max_model_len).config), config.tensor_parallel_size
+    )
+    return Ranks(config, device)

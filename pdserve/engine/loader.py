@@ -28,30 +28,49 @@ class LoadedModel:
     info: ModelInfo
 
 
-def load(path: str | None, dtype: torch.dtype, device: torch.device, max_model_len: int | None) -> LoadedModel:
+def load(path: str | None, dtype: torch.dtype, device: torch.device, max_model_len: int | None, tp=None) -> LoadedModel:
+    """`tp` (a parallel.TPShard of size > 1): build this rank's part and read only its slice of each tensor."""
     info = load_model_info(path, max_model_len)
+    model = build_model(info.config, dtype, device, info.max_model_len, tp)
+    shard = _sharder(info.config, tp)
     if path is None:
         from pdserve.engine.models.demo import demo_state_dict
 
         tensors = demo_state_dict(info.config)
-    else:
-        tensors = SafetensorsWeights(Path(path), device)
-    model = build_model(info.config, dtype, device, info.max_model_len)
-    load_state(model, tensors)
+        if shard is not None:
+            tensors = {name: shard(name, t, tuple(t.shape)) for name, t in tensors.items()}
+        load_state(model, tensors)
+        return LoadedModel(model, info)
+    with SafetensorsWeights(Path(path), device, shard) as tensors:
+        load_state(model, tensors)
     return LoadedModel(model, info)
+
+
+def _sharder(config, tp):
+    if tp is None or tp.size == 1:
+        return None
+    from pdserve.engine.models import spec_from_config
+    from pdserve.engine.parallel import head_split, shard_tensor
+
+    spec = spec_from_config(config)
+    split = head_split(spec, tp.size, tp.rank)
+    return lambda name, full, shape: shard_tensor(name, full, shape, spec, split, tp.rank)
 
 
 class SafetensorsWeights(Mapping):
     """A checkpoint's tensors by name, each read from its safetensors file when indexed, straight onto the
-    device (safetensors maps the file; no whole-checkpoint copy in host memory). Problems with the files are
+    device (safetensors maps the file; no whole-checkpoint copy in host memory). Each file is opened once, at
+    its first tensor, and stays open until `close` (or the end of a `with` block). Problems with the files are
     ValueErrors naming the file."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, shard=None) -> None:
         from safetensors import SafetensorError, safe_open
 
         self._error = SafetensorError
+        self._shard = shard  # (name, lazy slice, full shape) -> this rank's part, read from the file alone
         self._device = str(device)
         self._files: dict[str, Path] = {}  # tensor name -> its file
+        self._open: dict[Path, object] = {}  # file -> its open handle
         for file in _weight_files(path):
             try:
                 with safe_open(str(file), framework="pt") as f:
@@ -64,10 +83,26 @@ class SafetensorsWeights(Mapping):
 
         file = self._files[name]
         try:
-            with safe_open(str(file), framework="pt", device=self._device) as f:
-                return f.get_tensor(name)
+            handle = self._open.get(file)
+            if handle is None:
+                handle = self._open[file] = safe_open(str(file), framework="pt", device=self._device).__enter__()
+            if self._shard is None:
+                return handle.get_tensor(name)
+            part = handle.get_slice(name)
+            return self._shard(name, part, tuple(part.get_shape()))
         except (self._error, OSError) as e:
             raise ValueError(f"cannot read {name} from safetensors file {file}: {e}") from None
+
+    def close(self) -> None:
+        handles, self._open = self._open, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __iter__(self):
         return iter(self._files)

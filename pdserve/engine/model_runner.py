@@ -97,8 +97,10 @@ class ModelRunner:
         num_blocks: int,
         device: torch.device,
         max_model_len: int | None = None,  # None: no static decode path (a profile step's throwaway runner)
+        ranks=None,  # tensor_parallel.Ranks on rank 0 of a tensor-parallel engine: each step goes to the others
     ) -> None:
         self.model = model
+        self.ranks = ranks
         self.device = device
         self.block_size = config.block_size
         dtype = torch_dtype(config.dtype)
@@ -114,6 +116,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Run one step; returns logits for the requests whose last token was computed, and their indices."""
+        if self.ranks is not None:
+            self.ranks.send_step(requests, num_new_tokens)
         if self.graphs is not None and self.graphs.fits(requests, num_new_tokens):
             return self.graphs.run(requests)
         step = self.inputs.build(requests, num_new_tokens)

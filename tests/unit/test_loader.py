@@ -3,6 +3,7 @@ read a tensor at a time. Counted with a dispatch probe: every tensor an aten op 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -53,3 +54,33 @@ def test_the_old_way_would_be_seen(tmp_path):
         model.to_empty(device="cpu").to(torch.bfloat16)
     shapes = {tuple(p.shape) for p in model.parameters()}
     assert any(dtype == torch.float32 and shape in shapes for dtype, shape in probe.made)
+
+
+def test_each_file_is_opened_once_and_closed(tmp_path, monkeypatch):
+    import safetensors
+
+    model_dir = build_hf_model(tmp_path / "m", "llama", num_shards=2)
+    opened = []
+    real = safetensors.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    with loader.SafetensorsWeights(model_dir, torch.device("cpu")) as ckpt:
+        index_opens = len(opened)
+        tensors = {name: ckpt[name] for name in ckpt}
+        assert len(opened) - index_opens == 2 == len(ckpt._open)  # one handle per shard, not one per tensor
+    assert not ckpt._open and len(tensors) > 2
+
+
+def test_a_tensor_that_cannot_be_read_is_an_error_naming_it_and_its_file(tmp_path):
+    model_dir = build_hf_model(tmp_path / "m", "llama")
+    ckpt = loader.SafetensorsWeights(model_dir, torch.device("cpu"))  # the keys are read here
+    [file] = model_dir.glob("*.safetensors")
+    file.write_bytes(file.read_bytes()[:64])  # then the file is cut short
+    name = next(iter(ckpt))
+    with pytest.raises(ValueError, match=rf"cannot read {name} from safetensors file .*{file.name}"):
+        ckpt[name]
+    ckpt.close()

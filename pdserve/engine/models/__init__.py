@@ -51,11 +51,18 @@ def rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, float(scaling)
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def build_model(config, dtype: torch.dtype, device: torch.device, max_positions: int, tp=None) -> LlamaForCausalLM:
+    """`tp`: a parallel.TPShard; the model is then the rank's part (its heads, MLP columns, vocabulary rows)."""
     spec = spec_from_config(config)
     inv_freq, scaling = rope_frequencies(config, spec.head_dim)
+    parallel = None
+    if tp is not None and tp.size > 1:
+        from pdserve.engine.parallel import head_split, local_spec
+
+        split = head_split(spec, tp.size, tp.rank)
+        spec, parallel = local_spec(spec, split), (tp, split.vocab_start, spec.vocab_size)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec).to(dtype=dtype)  # no memory yet: the parameters are allocated once,
+        model = LlamaForCausalLM(spec, parallel).to(dtype=dtype)  # no memory yet: the parameters are allocated once,
     model = model.to_empty(device=device).eval()  # in the target dtype on the device (no float32 copy to cast)
     model.set_rope(inv_freq, scaling, max_positions)
     return model

@@ -2,6 +2,8 @@
 
 Parameter names match Hugging Face's, so a checkpoint's state dict loads as is. Architecture differences
 are flags in `ModelSpec`: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings.
+Under tensor parallelism (`tp`, see engine/parallel.py) the spec is the rank's own: its heads, MLP columns and
+vocabulary rows; o/down outputs are all-reduced, the embedding is masked and all-reduced, logits gathered.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, tp=None) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.tp = layer_idx, tp
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim**-0.5
         self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=spec.qkv_bias)
@@ -75,25 +77,28 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, tp=None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, layer_idx)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, layer_idx, tp)
+        self.mlp = MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -103,20 +108,24 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids [T], positions [T], ...) -> logits [len(logits_indices), vocab]."""
+    """forward(input_ids [T], positions [T], ...) -> logits [len(logits_indices), vocab].
 
-    def __init__(self, spec: ModelSpec) -> None:
+    `tp`: None, or (tp, vocab_start, vocab_size): the rank's group, the first vocabulary row it holds, and the
+    full vocabulary size (the logits' width once gathered)."""
+
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
         self.spec = spec
-        self.model = Backbone(spec)
+        self.tp, self.vocab_start, self.full_vocab = tp if tp is not None else (None, 0, spec.vocab_size)
+        self.model = Backbone(spec, self.tp)
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.cos_cache = self.sin_cache = None
@@ -133,10 +142,21 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids, positions, kv_cache, backend, meta, logits_indices) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos = self.cos_cache[positions].to(x.dtype)[:, None, :]
         sin = self.sin_cache[positions].to(x.dtype)[:, None, :]
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache, backend, meta)
         x = self.model.norm(x[logits_indices])
-        return F.linear(x, self.lm_weight())
+        logits = F.linear(x, self.lm_weight())
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather_last(logits)[:, : self.full_vocab]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.model.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.spec.vocab_size)
+        x = self.model.embed_tokens(local.clamp(0, self.spec.vocab_size - 1)) * mine[:, None]
+        return self.tp.all_reduce(x)

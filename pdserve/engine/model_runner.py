@@ -116,8 +116,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Run one step; returns logits for the requests whose last token was computed, and their indices."""
-        if self.ranks is not None:
+        if self.ranks is None:
+            return self._execute(requests, num_new_tokens)
+        try:
             self.ranks.send_step(requests, num_new_tokens)
+            return self._execute(requests, num_new_tokens)
+        except RuntimeError as e:  # a collective with a dead or stuck rank: this engine is broken
+            raise RuntimeError(f"tensor-parallel step failed (a rank died or hung): {e}") from e
+
+    def _execute(self, requests, num_new_tokens):
         if self.graphs is not None and self.graphs.fits(requests, num_new_tokens):
             return self.graphs.run(requests)
         step = self.inputs.build(requests, num_new_tokens)

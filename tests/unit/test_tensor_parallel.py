@@ -5,6 +5,10 @@ spawned processes an engine really uses, and is stopped by handle."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -127,16 +131,24 @@ def test_chunked_prefill_and_preemption_at_tp2(llama_dir, threads):
         llm.engine.blocks.check_no_leak()
 
 
-def test_seeded_sampling_is_the_same_at_tp1_and_tp2_in_spawned_processes(llama_dir):
+def test_spawned_ranks_sample_as_tp1_and_a_killed_rank_fails_the_next_step(llama_dir):
+    """The real launch (processes): seeded sampling gives TP 1's tokens; after SIGKILL of rank 1 the next step
+    raises at once (the dead peer's sockets are closed) instead of hanging; close() leaves nothing running."""
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=7 + i, ignore_eos=True) for i in range(3)]
     with LLM(str(llama_dir), num_kv_blocks=128) as one:
         expected = [o.token_ids for o in one.generate(PROMPTS[:3], params)]
     llm = LLM(str(llama_dir), tensor_parallel_size=2, num_kv_blocks=128)
-    procs = llm.engine.ranks.procs
+    [proc] = llm.engine.ranks.procs
     try:
-        assert [p.name for p in procs] == ["pdserve-tp1"] and procs[0].is_alive() and procs[0].pid
+        assert proc.name == "pdserve-tp1" and proc.is_alive() and proc.pid
         assert [o.token_ids for o in llm.generate(PROMPTS[:3], params)] == expected
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+            llm.generate(PROMPTS[:1], GREEDY)
+        assert time.monotonic() - start < 30
     finally:
         llm.close()
         llm.close()
-    assert not procs[0].is_alive() and procs[0].exitcode == 0
+    assert not proc.is_alive()

@@ -150,6 +150,8 @@ def rank_main(rank: int, size: int, host: str, port: int, config_json: str) -> N
 
     config = EngineConfig.model_validate_json(config_json)
     device = rank_device(config, rank)
+    if device.type == "cpu" and LAUNCH == "process":  # the ranks share the host's cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
     store = dist.TCPStore(host, port, size, is_master=False, timeout=TIMEOUT)
     group = _Group(store, rank, size, device)
     loaded = loader.load(config.model, loader.torch_dtype(config.dtype), device, config.max_model_len, group)
